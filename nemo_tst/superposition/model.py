@@ -1,0 +1,105 @@
+"""GPT / MoE / Hybrid models that switch between phase 1 (superposition) and phase 2 (vanilla).
+
+`TSTGPTModel` and `TSTHybridModel` are megatron-core's `GPTModel` and `HybridModel`, built from
+the same config, spec and arguments, with two things added and no parameter:
+
+- the first pipeline stage's `LanguageModelEmbedding` becomes a `SuperpositionEmbedding`
+  (same parameters, same state-dict keys);
+- `compute_language_model_loss`, the hook both models call with (labels, logits) on the last
+  stage, returns the per-target multi-hot CE [b, L, k] when the labels are next-bag targets
+  [b, L, k].
+
+`model.set_superposition(SuperpositionConfig(...))` enters phase 1; `set_superposition(None)`
+returns to phase 2, where every forward is Megatron's own. The phase is model state, not data:
+the trainer sets it on every model chunk before a phase starts.
+
+Phase-1 forward contract (the trainer's forward_step builds it with `make_superposition_batch`):
+
+    model(input_ids [b, L*s_in], position_ids [b, L], attention_mask, labels=targets [b, L, k])
+      -> per-target CE [b, L, k] fp32 on the last stage, hidden states elsewhere
+
+The transformer runs on L positions (RoPE positions 0..L-1, taken from the embedded length),
+so pipeline send/recv shapes are those of sequence length L. Multi-token prediction re-embeds
+shifted ids through the embedding and is refused in phase 1.
+"""
+
+from typing import Optional
+
+from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.models.hybrid.hybrid_model import HybridModel
+from torch import Tensor
+
+from nemo_tst.superposition.config import SuperpositionConfig
+from nemo_tst.superposition.embedding import SuperpositionEmbedding
+from nemo_tst.superposition.loss import multi_hot_cross_entropy
+
+__all__ = ["SuperpositionModelMixin", "TSTGPTModel", "TSTHybridModel", "set_superposition"]
+
+
+class SuperpositionModelMixin:
+    """Adds the phase switch to a megatron-core `LanguageModule` subclass."""
+
+    superposition: Optional[SuperpositionConfig] = None
+
+    def _add_superposition(self) -> None:
+        if getattr(self, "embedding", None) is not None:
+            SuperpositionEmbedding.to_superposition(self.embedding)
+        self.superposition = None
+
+    def set_superposition(self, config: Optional[SuperpositionConfig]) -> None:
+        """Phase 1 with `config`; phase 2 (vanilla next-token training) with None."""
+        if config is not None and config.bag_size > 1 and self.config.mtp_num_layers:
+            raise ValueError(
+                "multi-token prediction (mtp_num_layers="
+                f"{self.config.mtp_num_layers}) re-embeds token ids and cannot run in the "
+                "superposition phase; disable MTP for phase 1 (--mtp-num-layers 0) or use s=1"
+            )
+        self.superposition = config
+        if getattr(self, "embedding", None) is not None:
+            self.embedding.bag_size = 1 if config is None else config.input_bag_size
+
+    def compute_language_model_loss(self, labels: Tensor, logits: Tensor) -> Tensor:
+        """labels [b, L] -> Megatron's CE [b, L]; next-bag targets [b, L, k] -> CE [b, L, k]."""
+        if labels.dim() == 2:
+            return super().compute_language_model_loss(labels, logits)
+        if self.superposition is None:
+            raise ValueError(
+                f"labels of shape {tuple(labels.shape)} are next-bag targets, but the model is "
+                "in phase 2; call set_superposition(config) for phase 1"
+            )
+        # [b, L, k] -> [L, b, k] to meet the logits' [L, b, V/tp]; back to [b, L, k].
+        per_target = multi_hot_cross_entropy(
+            logits, labels.transpose(0, 1), tp_group=self.pg_collection.tp
+        )
+        return per_target.transpose(0, 1).contiguous()
+
+
+class TSTGPTModel(SuperpositionModelMixin, GPTModel):
+    """megatron-core `GPTModel` (dense or MoE) with the TST phase switch. Same arguments."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._add_superposition()
+
+
+class TSTHybridModel(SuperpositionModelMixin, HybridModel):
+    """megatron-core `HybridModel` (Mamba / attention / MoE) with the TST phase switch."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._add_superposition()
+
+
+def set_superposition(model, config: Optional[SuperpositionConfig]) -> None:
+    """Set the phase on a model, a list of virtual-pipeline chunks, or DDP/Float16 wrappers."""
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    for chunk in chunks:
+        inner = chunk
+        while not isinstance(inner, SuperpositionModelMixin) and hasattr(inner, "module"):
+            inner = inner.module
+        if not isinstance(inner, SuperpositionModelMixin):
+            raise TypeError(
+                f"{type(chunk).__name__} is not a TST model: build it with TSTGPTModel or "
+                "TSTHybridModel (nemo_tst.superposition.model)"
+            )
+        inner.set_superposition(config)

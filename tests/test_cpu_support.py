@@ -1,0 +1,161 @@
+"""nemo_tst.cpu: Megatron-Core on CPU with gloo (opt-in patches).
+
+Distributed cases run in spawned processes so the pytest process never joins a process group.
+"""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from nemo_tst import cpu
+
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="CPU support tests patch Megatron only when CUDA is absent"
+)
+
+VOCAB, SEQ, BATCH = 96, 16, 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _build_and_step(tp: int, ep: int, moe: bool) -> dict:
+    """Build a tiny GPTModel (local spec, rope) on this rank and run one forward+backward."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer import TransformerConfig
+
+    ps.initialize_model_parallel(tp, 1, expert_model_parallel_size=ep)
+    cpu.seed_model_parallel(1234)
+    moe_kwargs = {}
+    if moe:
+        moe_kwargs = dict(
+            num_moe_experts=4,
+            moe_router_topk=2,
+            moe_token_dispatcher_type="allgather",
+            moe_aux_loss_coeff=1e-2,
+            add_bias_linear=False,
+        )
+    config = TransformerConfig(
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        ffn_hidden_size=64,
+        tensor_model_parallel_size=tp,
+        expert_model_parallel_size=ep,
+        use_cpu_initialization=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        params_dtype=torch.float32,
+        **moe_kwargs,
+    )
+    spec = get_gpt_layer_local_spec(num_experts=config.num_moe_experts, moe_grouped_gemm=False)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=VOCAB,
+        max_sequence_length=SEQ,
+        position_embedding_type="rope",
+    )
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen)
+    labels = torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen)
+    positions = torch.arange(SEQ).expand(BATCH, SEQ)
+    loss = model(ids, positions, cpu.causal_attention_mask(SEQ), labels=labels).mean()  # [b, s]
+    loss.backward()
+    out = {
+        "loss": loss.item(),
+        # Replicated across TP ranks: the same gradient at any TP size.
+        "norm_grad": model.decoder.final_layernorm.weight.grad.clone(),
+        "all_grads_finite": all(
+            torch.isfinite(p.grad).all().item() for p in model.parameters() if p.grad is not None
+        ),
+    }
+    ps.destroy_model_parallel()
+    return out
+
+
+def _worker(rank: int, world_size: int, port: int, cases: list, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    assert cpu.enable_megatron_cpu(trainer=False)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        results = {case: _build_and_step(*case) for case in cases}
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _spawn(world_size: int, cases: list, tmp_path) -> list[dict]:
+    mp.spawn(
+        _worker, args=(world_size, _free_port(), cases, str(tmp_path)), nprocs=world_size, join=True
+    )
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
+
+
+@pytest.fixture(scope="module")
+def single_rank(tmp_path_factory):
+    """TP=1 dense and MoE (allgather dispatcher) results at world size 1."""
+    return _spawn(1, [(1, 1, False), (1, 1, True)], tmp_path_factory.mktemp("ws1"))[0]
+
+
+def test_enable_is_idempotent_and_keeps_originals():
+    import megatron.core.tensor_parallel.random as mrandom
+    from megatron.core.models.common.embeddings import rotary_pos_embedding
+
+    original_get = mrandom._get_cuda_rng_state
+    cpu.disable_megatron_cpu()
+    try:
+        assert cpu.enable_megatron_cpu(trainer=False)
+        patched_get = mrandom._get_cuda_rng_state
+        view = rotary_pos_embedding.torch
+        assert cpu.enable_megatron_cpu(trainer=False)  # second call: nothing changes
+        assert mrandom._get_cuda_rng_state is patched_get
+        assert rotary_pos_embedding.torch is view
+        assert patched_get.__wrapped__ is original_get
+        assert view.__wrapped__ is torch
+        # Only Megatron's view of torch changes, not torch itself.
+        assert view.cuda.current_device() == torch.device("cpu")
+        assert view.empty(2, device="cuda").device.type == "cpu"
+        assert isinstance(torch.device("cpu"), view.device)
+        with pytest.raises(RuntimeError):
+            torch.cuda.current_device()
+        cpu.disable_megatron_cpu()
+        assert mrandom._get_cuda_rng_state is original_get
+        assert rotary_pos_embedding.torch is torch
+        assert not cpu.is_enabled()
+    finally:
+        cpu.disable_megatron_cpu()
+
+
+def test_causal_attention_mask():
+    mask = cpu.causal_attention_mask(4)
+    assert mask.shape == (1, 1, 4, 4) and mask.dtype == torch.bool
+    assert torch.equal(mask[0, 0], torch.ones(4, 4, dtype=torch.bool).triu(1))
+
+
+def test_gpt_forward_backward_single_rank(single_rank):
+    for case in [(1, 1, False), (1, 1, True)]:
+        result = single_rank[case]
+        assert torch.isfinite(torch.tensor(result["loss"]))
+        assert abs(result["loss"] - torch.log(torch.tensor(float(VOCAB))).item()) < 1.0
+        assert result["all_grads_finite"]
+
+
+def test_tp2_matches_tp1_and_moe_ep2_runs(single_rank, tmp_path):
+    ranks = _spawn(2, [(2, 1, False), (1, 2, True)], tmp_path)
+    reference = single_rank[(1, 1, False)]
+    for result in (r[(2, 1, False)] for r in ranks):
+        torch.testing.assert_close(result["loss"], reference["loss"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            result["norm_grad"], reference["norm_grad"], rtol=1e-4, atol=1e-5
+        )
+    for result in (r[(1, 2, True)] for r in ranks):
+        assert torch.isfinite(torch.tensor(result["loss"])) and result["all_grads_finite"]
