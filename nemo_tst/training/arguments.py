@@ -1,0 +1,157 @@
+"""`--tst-*` arguments for Megatron-LM's parser, and the two-phase plan they describe.
+
+A Megatron GPT job becomes a TST job by switching its entry point to `nemo-tst pretrain` and
+adding, at least, `--tst-bag-size`. Every other argument keeps its Megatron meaning; in
+particular `--seq-length` is L, the number of latent positions the transformer runs on in both
+phases (phase-1 samples hold s*L text tokens), and `--train-iters` counts both phases.
+
+One WSD (or any) LR schedule spans the run: the plan pins `--lr-decay-iters` to the total
+iterations, so phase 1 (which stops at n1) and phase 2 (which resumes to N) carry identical
+schedule arguments and Megatron's resume check passes without `--override-opt-param-scheduler`.
+"""
+
+import argparse
+import math
+from dataclasses import dataclass
+
+from nemo_tst.superposition.config import MODES, WEIGHTINGS, SuperpositionConfig
+
+__all__ = ["PHASES", "TSTPlan", "add_tst_arguments", "plan_from_args"]
+
+PHASES = ("both", "1", "2")
+
+
+def add_tst_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Megatron `extra_args_provider`: adds the TST group to Megatron-LM's parser."""
+    group = parser.add_argument_group("token-superposition training")
+    group.add_argument("--tst-bag-size", type=int, default=None,
+                       help="s: tokens averaged into one latent position in phase 1 "
+                            "(paper: 6 dense, 16 MoE). Required.")
+    group.add_argument("--tst-phase1-fraction", type=float, default=0.3,
+                       help="r: fraction of --train-iters spent in phase 1 (paper: 0.2-0.4).")
+    group.add_argument("--tst-phase1-iters", type=int, default=None,
+                       help="Phase-1 iterations, instead of --tst-phase1-fraction.")
+    group.add_argument("--tst-mode", choices=MODES, default="full",
+                       help="full TST, or the paper's input-only / output-only ablations.")
+    group.add_argument("--tst-weighting", choices=WEIGHTINGS, default="uniform",
+                       help="How the s targets of a latent position share its loss.")
+    group.add_argument("--tst-target-weights", type=float, nargs="+", default=None,
+                       help="Explicit per-target weights (normalised to sum 1).")
+    group.add_argument("--tst-mask-cross-document-targets", action="store_true",
+                       help="Mask targets in a later document than the bag's last token.")
+    group.add_argument("--tst-phase", choices=PHASES, default="both",
+                       help="Run both phases, or only phase 1 / phase 2 (chained jobs).")
+    group.add_argument("--tst-strict-data", action="store_true",
+                       help="Fail instead of warning when the corpus is smaller than the plan.")
+    group.add_argument("--tst-tokenizer", type=str, default=None,
+                       help="Path of the tokenizer.json the data was preprocessed with "
+                            "(gives the end-of-document id and the vocabulary size).")
+    return parser
+
+
+@dataclass(frozen=True, kw_only=True)
+class TSTPlan:
+    """Where phase 1 ends and how a sample maps to text, for one run."""
+
+    superposition: SuperpositionConfig
+    seq_length: int
+    """L: latent positions in phase 1, tokens in phase 2."""
+    global_batch_size: int
+    train_iters: int
+    """N: iterations of both phases together."""
+    phase1_iters: int
+    """n1: the first n1 iterations are phase 1."""
+
+    @property
+    def phase1_samples(self) -> int:
+        return self.phase1_iters * self.global_batch_size
+
+    @property
+    def phase2_iters(self) -> int:
+        return self.train_iters - self.phase1_iters
+
+    def phase_of_iteration(self, iteration: int) -> int:
+        """1 or 2 for the iteration about to run (0-based count of finished iterations)."""
+        return 1 if iteration < self.phase1_iters else 2
+
+    def text_tokens_after(self, iterations: int) -> int:
+        """Text tokens the first `iterations` iterations trained on (inputs, not targets)."""
+        L, B = self.seq_length, self.global_batch_size
+        per_phase1_step = B * self.superposition.text_tokens_per_sample(L)
+        phase1 = min(iterations, self.phase1_iters)
+        return phase1 * per_phase1_step + max(iterations - self.phase1_iters, 0) * B * L
+
+    def baseline_text_tokens(self) -> int:
+        """Text an ordinary run of the same N, L and batch trains on (equal FLOPs)."""
+        return self.train_iters * self.global_batch_size * self.seq_length
+
+
+def plan_from_args(args: argparse.Namespace) -> TSTPlan:
+    """Validate the TST arguments against Megatron's and return the plan.
+
+    Raises ValueError naming the setting and the fix, before any model or data is built.
+    """
+    if args.tst_bag_size is None:
+        raise ValueError("--tst-bag-size is required (s, e.g. 4; s=1 is ordinary training)")
+    superposition = SuperpositionConfig(
+        bag_size=args.tst_bag_size,
+        mode=args.tst_mode,
+        weighting=args.tst_weighting,
+        target_weights=args.tst_target_weights,
+        mask_cross_document_targets=args.tst_mask_cross_document_targets,
+    )
+    if not args.train_iters:
+        raise ValueError(
+            "TST plans in iterations: set --train-iters (sample-based --train-samples is not "
+            "supported)"
+        )
+    if getattr(args, "rampup_batch_size", None):
+        raise ValueError(
+            "--rampup-batch-size is not supported with TST: phase boundaries are counted in "
+            "samples of a fixed global batch; remove it"
+        )
+    N = args.train_iters
+    if args.tst_phase1_iters is not None:
+        n1 = args.tst_phase1_iters
+        if not 1 <= n1 < N:
+            raise ValueError(
+                f"--tst-phase1-iters={n1} must be between 1 and --train-iters - 1 = {N - 1}; "
+                "phase 1 of 0 or all steps leaves no superposition or no recovery"
+            )
+    else:
+        r = args.tst_phase1_fraction
+        if not (isinstance(r, float) and math.isfinite(r) and 0.0 < r < 1.0):
+            raise ValueError(
+                f"--tst-phase1-fraction={r} must lie strictly between 0 and 1 (paper: 0.2-0.4)"
+            )
+        n1 = int(round(r * N))
+        if not 1 <= n1 < N:
+            raise ValueError(
+                f"--tst-phase1-fraction={r} of --train-iters={N} gives {n1} phase-1 iterations; "
+                f"it must give between 1 and {N - 1}: raise --train-iters or change r"
+            )
+
+    L = args.seq_length
+    tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
+    if args.sequence_parallel and L % tp:
+        raise ValueError(
+            f"--seq-length={L} (latent positions) must be divisible by "
+            f"--tensor-model-parallel-size={tp} under --sequence-parallel"
+        )
+    if cp > 1 and L % (2 * cp):
+        raise ValueError(
+            f"--seq-length={L} must be divisible by 2 x --context-parallel-size = {2 * cp}: "
+            "context parallel splits the latent positions into 2*cp chunks so no bag is cut"
+        )
+    if getattr(args, "mtp_num_layers", None) and superposition.bag_size > 1:
+        raise ValueError(
+            "multi-token prediction (--mtp-num-layers) cannot run in the superposition phase; "
+            "remove it, or use --tst-bag-size 1"
+        )
+    return TSTPlan(
+        superposition=superposition,
+        seq_length=L,
+        global_batch_size=args.global_batch_size,
+        train_iters=N,
+        phase1_iters=n1,
+    )

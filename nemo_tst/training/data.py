@@ -1,0 +1,128 @@
+"""Phase-aware training data over one token stream, on Megatron's GPTDataset.
+
+Both phases read the same stream of *items*: windows of `pieces * (L + 1)` text tokens that
+Megatron's `GPTDataset` cuts (documents packed, shuffled per epoch, blended across corpora,
+index cached: all of that is Megatron's). Training sample j maps to text like this:
+
+    j <  P1 (phase 1, P1 = n1 * global batch):  item j, its first sample_length tokens
+                                                (s*L + s for full TST: exactly one item)
+    j >= P1 (phase 2):                          item P1 + (j - P1) // pieces,
+                                                piece (j - P1) % pieces of L + 1 tokens
+
+`pieces = ceil(sample_length / (L + 1))` (= s for full TST), so a phase-1 sample and `pieces`
+phase-2 samples cover the same window. The phase is therefore a function of the sample index,
+and Megatron's sampler resumes at `consumed_train_samples`: a resumed run, in either phase,
+reads exactly the samples the uninterrupted run would have.
+
+Guarantee: within one epoch of the corpus no text token is an input twice, across both
+phases: items are disjoint windows (their last token is shared with the next item only as a
+target), phase 2 starts at the first item phase 1 did not read, and every item is read once.
+When the plan needs more items than one epoch holds, Megatron starts a new shuffled epoch
+(tokens repeat); `check_corpus_budget` warns, or fails under `--tst-strict-data`.
+
+Validation is ordinary next-token data (GPTDataset at sequence length L) in both phases, so
+the curves of TST and baseline runs compare directly.
+"""
+
+import logging
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+
+from nemo_tst.training.arguments import TSTPlan
+
+__all__ = ["TSTTrainDataset", "check_corpus_budget", "items_needed", "pieces_per_item"]
+
+logger = logging.getLogger(__name__)
+
+
+def pieces_per_item(plan: TSTPlan) -> int:
+    """Phase-2 samples (L + 1 tokens each) per item; an item also holds one phase-1 sample."""
+    return math.ceil(plan.superposition.sample_length(plan.seq_length) / (plan.seq_length + 1))
+
+
+def item_sequence_length(plan: TSTPlan) -> int:
+    """GPTDataset's `sequence_length` for items: it returns that many tokens plus one."""
+    return pieces_per_item(plan) * (plan.seq_length + 1) - 1
+
+
+def items_needed(plan: TSTPlan) -> int:
+    """Items the whole plan reads (both phases)."""
+    phase2_samples = plan.phase2_iters * plan.global_batch_size
+    return plan.phase1_samples + math.ceil(phase2_samples / pieces_per_item(plan))
+
+
+def check_corpus_budget(plan: TSTPlan, corpus_tokens: int, *, strict: bool) -> Optional[str]:
+    """Warn (or raise, if strict) when the plan reads more text than one epoch of the corpus."""
+    needed = items_needed(plan) * (item_sequence_length(plan) + 1)
+    if needed <= corpus_tokens:
+        return None
+    message = (
+        f"the TST plan reads {needed:,} text tokens but the training corpus holds "
+        f"{corpus_tokens:,}: Megatron will start a new epoch and tokens will repeat (the "
+        "paper's data-bound regime, where TST loses to the baseline). Add data, lower "
+        "--train-iters or --tst-bag-size"
+    )
+    if strict:
+        raise ValueError(message + " (or drop --tst-strict-data to proceed)")
+    logger.warning(message)
+    return message
+
+
+class TSTTrainDataset(torch.utils.data.Dataset):
+    """Training samples of both phases over a dataset of items (see module docstring).
+
+    `items[i]` must be a GPTDataset-style dict with "tokens" and "labels" of
+    `item_sequence_length(plan)` tokens and a "loss_mask" aligned with the labels.
+
+    Phase-1 samples: {"text": [sample_length], "loss_mask": [sample_length - 1]}.
+    Phase-2 samples: Megatron's {"tokens", "labels", "loss_mask", "position_ids"} of length L.
+    """
+
+    def __init__(self, items, plan: TSTPlan):
+        self.items = items
+        self.plan = plan
+        self.pieces = pieces_per_item(plan)
+        self.sample_length = plan.superposition.sample_length(plan.seq_length)
+        if len(items) < plan.phase1_samples:
+            raise ValueError(
+                f"{len(items)} items cannot hold the {plan.phase1_samples} phase-1 samples"
+            )
+
+    def __len__(self) -> int:
+        P1 = self.plan.phase1_samples
+        return P1 + (len(self.items) - P1) * self.pieces
+
+    def _item_text(self, index: int):
+        item = self.items[index]
+        tokens, labels = np.asarray(item["tokens"]), np.asarray(item["labels"])
+        text = np.concatenate([tokens, labels[-1:]])  # the item's pieces*(L+1) tokens
+        return text.astype(np.int64), np.asarray(item["loss_mask"], dtype=np.float32)
+
+    def __getitem__(self, j: int) -> dict:
+        P1, L = self.plan.phase1_samples, self.plan.seq_length
+        if j < P1:
+            text, loss_mask = self._item_text(j)
+            n = self.sample_length
+            return {"text": torch.from_numpy(text[:n]), "loss_mask": torch.from_numpy(loss_mask[: n - 1])}
+        q, piece = divmod(j - P1, self.pieces)
+        text, loss_mask = self._item_text(P1 + q)
+        start = piece * (L + 1)
+        window = text[start : start + L + 1]
+        return {
+            "tokens": torch.from_numpy(window[:-1].copy()),
+            "labels": torch.from_numpy(window[1:].copy()),
+            # loss_mask[p] is the mask of predicting text[p + 1]
+            "loss_mask": torch.from_numpy(loss_mask[start : start + L].copy()),
+            "position_ids": torch.arange(L, dtype=torch.int64),
+        }
+
+    def text_span(self, j: int) -> tuple[int, int, int]:
+        """(item, first, last+1) offsets inside the item of sample j's *input* tokens."""
+        P1, L = self.plan.phase1_samples, self.plan.seq_length
+        if j < P1:
+            return j, 0, self.plan.superposition.text_tokens_per_sample(L)
+        q, piece = divmod(j - P1, self.pieces)
+        return P1 + q, piece * (L + 1), piece * (L + 1) + L

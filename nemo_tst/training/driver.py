@@ -1,0 +1,190 @@
+"""The two-phase run: plan, hand off, resume. `nemo-tst pretrain` calls `run`.
+
+Checkpoint layout under Megatron's `--save DIR` (each a Megatron checkpoint directory):
+
+    DIR/tst_run.json   the plan and model shape this directory belongs to
+    DIR/phase1/        phase 1 saves here; it ends with the checkpoint of iteration n1
+    DIR/phase2/        phase 2 loads DIR/phase1 the first time, then itself; saves here
+
+So phase 2 never writes into phase 1's directory: the handoff checkpoint is never overwritten
+or deleted. Megatron writes `latest_checkpointed_iteration.txt` only after a checkpoint is
+complete, so an interrupted save is never taken as the latest one.
+
+The same command resumes anywhere: a phase whose directory already holds its final iteration
+is skipped, an unfinished one continues from its latest checkpoint (Megatron restores weights,
+optimizer, LR scheduler, RNG, iteration and consumed samples). Phase 2 from phase 1's
+checkpoint is a resume, not a fine-tune: nothing is reset, and the one LR schedule continues.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+from nemo_tst.training.arguments import TSTPlan, add_tst_arguments, plan_from_args
+
+__all__ = ["latest_iteration", "parse_megatron_args", "phase_commands", "run"]
+
+TRACKER = "latest_checkpointed_iteration.txt"
+
+# Arguments that fix what a checkpoint directory holds: a rerun must agree on all of them.
+RUN_IDENTITY = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+    "num_experts", "seq_length", "global_batch_size", "train_iters", "vocab_size",
+    "position_embedding_type", "tst_bag_size", "tst_mode", "tst_weighting", "seed",
+)
+
+
+def parse_megatron_args(argv: list[str]) -> argparse.Namespace:
+    """Megatron-LM's parser plus the TST group, without Megatron's validation side effects."""
+    from megatron.training.arguments import parse_args
+
+    saved = sys.argv
+    sys.argv = ["nemo-tst"] + [a for a in argv if a != "--tst-cpu"]
+    try:
+        return parse_args(extra_args_provider=add_tst_arguments)
+    finally:
+        sys.argv = saved
+
+
+def latest_iteration(checkpoint_dir: Path) -> Optional[int]:
+    """The iteration of the last complete checkpoint in a Megatron save directory."""
+    tracker = checkpoint_dir / TRACKER
+    if not tracker.is_file():
+        return None
+    text = tracker.read_text().strip()
+    return 0 if text == "release" else int(text)
+
+
+def _identity(args, plan: TSTPlan) -> dict:
+    ident = {k: getattr(args, k, None) for k in RUN_IDENTITY}
+    ident["phase1_iters"] = plan.phase1_iters
+    return ident
+
+
+def claim_run_directory(save: Path, args, plan: TSTPlan) -> None:
+    """Record the run in DIR/tst_run.json, or refuse a directory that holds another run."""
+    manifest = save / "tst_run.json"
+    ident = _identity(args, plan)
+    if manifest.is_file():
+        previous = json.loads(manifest.read_text())["identity"]
+        diff = {k: (previous.get(k), v) for k, v in ident.items() if previous.get(k) != v}
+        if diff:
+            details = ", ".join(f"{k}: {a!r} there vs {b!r} now" for k, (a, b) in diff.items())
+            raise ValueError(
+                f"--save {save} holds a different TST run ({details}); choose a new --save "
+                "directory, or rerun with the original settings to resume it"
+            )
+        return
+    if save.exists() and any(save.iterdir()):
+        raise ValueError(
+            f"--save {save} is not empty and holds no tst_run.json: it is not a TST run "
+            "directory; choose a new or empty --save directory"
+        )
+    save.mkdir(parents=True, exist_ok=True)
+    manifest.write_text(
+        json.dumps({"identity": ident, "plan": asdict(plan) | {"superposition": asdict(plan.superposition)}},
+                   indent=2, default=str)
+    )
+
+
+def _without(argv: list[str], *options: str) -> list[str]:
+    """argv minus the given options and their single values."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        name = a.split("=", 1)[0]
+        if name in options:
+            skip = "=" not in a
+            continue
+        out.append(a)
+    return out
+
+
+def phase_commands(argv: list[str], args, plan: TSTPlan) -> list[tuple[int, list[str]]]:
+    """[(phase, extra Megatron argv)] still to run, judged from the checkpoints on disk."""
+    save = Path(args.save)
+    p1_dir, p2_dir = save / "phase1", save / "phase2"
+    base = _without(argv, "--save", "--load", "--tst-phase", "--exit-interval")
+    N, n1 = plan.train_iters, plan.phase1_iters
+    p1_done, p2_done = latest_iteration(p1_dir), latest_iteration(p2_dir)
+    for where, it in ((p1_dir, p1_done), (p2_dir, p2_done)):
+        if it is not None and it > N:
+            raise ValueError(
+                f"{where} holds a checkpoint of iteration {it}, past the plan's end "
+                f"(--train-iters {N}); it belongs to another plan: choose a new --save"
+            )
+    if p1_done is not None and p1_done > n1:
+        raise ValueError(
+            f"{p1_dir} holds iteration {p1_done} but phase 1 ends at {n1}: the phase-1 "
+            "length changed since this run started; rerun with the original "
+            "--tst-phase1-fraction/--tst-phase1-iters"
+        )
+    wanted = {"both": (1, 2), "1": (1,), "2": (2,)}[args.tst_phase]
+    commands = []
+    if 1 in wanted and p2_done is None and (p1_done or 0) < n1:
+        commands.append((1, base + ["--tst-phase", "1", "--save", str(p1_dir), "--load",
+                                    str(p1_dir), "--exit-interval", str(n1)]))
+    if 2 in wanted and (p2_done or 0) < N:
+        load = p2_dir if p2_done is not None else p1_dir
+        if 1 not in wanted and p2_done is None and p1_done != n1:
+            raise ValueError(
+                f"phase 2 needs phase 1's checkpoint of iteration {n1} in {p1_dir}, found "
+                f"{'none' if p1_done is None else f'iteration {p1_done}'}; run phase 1 first "
+                "(--tst-phase 1) or both (--tst-phase both)"
+            )
+        commands.append((2, base + ["--tst-phase", "2", "--save", str(p2_dir), "--load", str(load)]))
+    return commands
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_command(nproc: int, megatron_argv: list[str]) -> list[str]:
+    """torchrun on this machine, one process per device (or per CPU rank)."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+        "--master-addr=127.0.0.1", f"--master-port={_free_port()}",
+        "-m", "nemo_tst.training.pretrain", *megatron_argv,
+    ]
+
+
+def run(argv: list[str], *, nproc: int = 1, log_file: Optional[Path] = None) -> TSTPlan:
+    """Plan, validate, then run (or resume) the phases still to do, each via torchrun."""
+    args = parse_megatron_args(argv)
+    plan = plan_from_args(args)
+    if not args.save:
+        raise ValueError("--save is required: TST keeps phase 1 and phase 2 checkpoints under it")
+    if args.load and Path(args.load) != Path(args.save):
+        raise ValueError(
+            "--load is managed by nemo-tst (phase 2 loads phase 1's checkpoint): pass only "
+            "--save, and rerun the same command to resume"
+        )
+    claim_run_directory(Path(args.save), args, plan)
+    env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1", PYTHONUNBUFFERED="1")
+    for phase, extra in phase_commands(argv, args, plan):
+        cmd = launch_command(nproc, extra)
+        print(f"[nemo-tst] phase {phase}: {' '.join(cmd)}", flush=True)
+        if log_file is None:
+            rc = subprocess.run(cmd, env=env).returncode
+        else:
+            with open(log_file, "a") as log:
+                rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        if rc != 0:
+            raise RuntimeError(
+                f"phase {phase} exited with status {rc}"
+                + (f"; see {log_file}" if log_file else "")
+                + ". Rerun the same command to resume from the latest checkpoint"
+            )
+    return plan

@@ -1,0 +1,192 @@
+"""One phase of a TST run on Megatron-LM's trainer (`megatron.training.pretrain`).
+
+This is what each rank runs (`torchrun ... -m nemo_tst.training.pretrain <megatron args>
+--tst-phase 1|2`); `nemo_tst.training.driver` chains the phases and resumes. It mirrors
+Megatron-LM's `pretrain_gpt.py` (parse args -> model provider -> datasets provider -> pretrain)
+with three substitutions: the model is a `TSTGPTModel` / `TSTHybridModel`, training data is
+the phase-aware `TSTTrainDataset`, and forward_step handles both phases.
+
+Both phases get the same Megatron arguments (`--train-iters` = N, one LR schedule); phase 1
+adds `--exit-interval n1`, on which Megatron saves a checkpoint and exits.
+"""
+
+import os
+import sys
+from functools import partial
+
+import torch
+
+__all__ = ["main", "model_provider", "train_valid_test_datasets_provider"]
+
+
+def _enable_cpu_if_requested(argv: list[str]) -> None:
+    # Must run before megatron.training builds any state; see nemo_tst/cpu.py.
+    if "--tst-cpu" in argv:
+        from nemo_tst import cpu
+
+        cpu.enable_megatron_cpu()
+
+
+def model_provider(pre_process=True, post_process=True, vp_stage=None, config=None, pg_collection=None):
+    """A `TSTGPTModel` (dense or MoE) from Megatron's arguments, like pretrain_gpt's builder."""
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_decoder_block_spec,
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+    from megatron.training import get_args
+    from megatron.training.argument_utils import core_transformer_config_from_args
+
+    from nemo_tst.superposition import TSTGPTModel
+
+    args = get_args()
+    config = config if config is not None else core_transformer_config_from_args(args)
+    use_te = args.transformer_impl == "transformer_engine"
+    if args.num_experts:
+        spec = get_gpt_decoder_block_spec(
+            config, use_transformer_engine=use_te, normalization=args.normalization, vp_stage=vp_stage
+        )
+    elif use_te:
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=args.qk_layernorm)
+    else:
+        spec = get_gpt_layer_local_spec(qk_layernorm=args.qk_layernorm, normalization=args.normalization)
+    return TSTGPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=args.padded_vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        fp16_lm_cross_entropy=args.fp16_lm_cross_entropy,
+        parallel_output=True,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        position_embedding_type=args.position_embedding_type,
+        rotary_percent=args.rotary_percent,
+        rotary_base=args.rotary_base,
+        vp_stage=vp_stage,
+        pg_collection=pg_collection,
+    )
+
+
+def _is_dataset_built_on_rank(vp_stage=None):
+    from megatron.core import parallel_state
+
+    first = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    last = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    return (first or last) and parallel_state.get_tensor_model_parallel_rank() == 0
+
+
+def _gpt_dataset_config(args, sequence_length):
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+    from megatron.training.utils import get_blend_and_blend_per_split
+
+    blend, blend_per_split = get_blend_and_blend_per_split(args)
+    return GPTDatasetConfig(
+        random_seed=args.seed,
+        sequence_length=sequence_length,
+        blend=blend,
+        blend_per_split=blend_per_split,
+        split=args.split,
+        path_to_cache=args.data_cache_path,
+        tokenizer=args.tst_tokenizer_obj,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=args.eod_mask_loss,
+        create_attention_mask=False,
+        mid_level_dataset_surplus=args.mid_level_dataset_surplus,
+    )
+
+
+def _train_corpus_tokens(dataset) -> int:
+    """Tokens in the training split of the (possibly blended) dataset."""
+    parts = getattr(dataset, "datasets", None) or [dataset]
+    total = 0
+    for part in parts:
+        indices = part.indices if hasattr(part, "indices") else None
+        lengths = part.dataset.sequence_lengths
+        total += int(lengths[indices].sum()) if indices is not None else int(lengths.sum())
+    return total
+
+
+def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None):
+    """Training: `TSTTrainDataset` over items; validation/test: ordinary next-token data."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+    from megatron.training import get_args, print_rank_0
+
+    from nemo_tst.training.data import (
+        TSTTrainDataset,
+        check_corpus_budget,
+        item_sequence_length,
+        items_needed,
+    )
+
+    args = get_args()
+    plan = args.tst_plan
+    built_on_rank = partial(_is_dataset_built_on_rank, vp_stage=vp_stage)
+    _, valid_n, test_n = train_val_test_num_samples
+
+    items, _, _ = BlendedMegatronDatasetBuilder(
+        GPTDataset, [items_needed(plan), None, None], built_on_rank,
+        _gpt_dataset_config(args, item_sequence_length(plan)),
+    ).build()
+    _, valid, test = BlendedMegatronDatasetBuilder(
+        GPTDataset, [None, valid_n, test_n], built_on_rank, _gpt_dataset_config(args, args.seq_length)
+    ).build()
+
+    train = None
+    if items is not None:
+        check_corpus_budget(plan, _train_corpus_tokens(items), strict=args.tst_strict_data)
+        train = TSTTrainDataset(items, plan)
+        print_rank_0(
+            f"> TST data: phase 1 = samples [0, {plan.phase1_samples}) of "
+            f"{plan.superposition.sample_length(plan.seq_length)} tokens, phase 2 = "
+            f"{plan.seq_length + 1}-token pieces of the following items"
+        )
+    return train, valid, test
+
+
+train_valid_test_datasets_provider.is_distributed = True
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run one phase (`--tst-phase 1` or `2`) with Megatron's trainer, on this rank."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _enable_cpu_if_requested(argv)
+    argv = [a for a in argv if a != "--tst-cpu"]
+
+    from megatron.core.enums import ModelType
+    from megatron.training import pretrain
+    from megatron.training.argument_utils import pretrain_cfg_container_from_args
+    from megatron.training.arguments import parse_and_validate_args
+
+    from nemo_tst.data.tokenizer import HFTokenizer
+    from nemo_tst.training.arguments import add_tst_arguments, plan_from_args
+    from nemo_tst.training.step import forward_step
+
+    sys.argv = [sys.argv[0]] + argv
+    args = parse_and_validate_args(extra_args_provider=add_tst_arguments)
+    if args.tst_phase not in ("1", "2"):
+        raise ValueError(
+            "nemo_tst.training.pretrain runs one phase: pass --tst-phase 1 or 2, or use "
+            "`nemo-tst pretrain` to run both"
+        )
+    args.tst_plan = plan_from_args(args)
+    if args.tst_tokenizer is None:
+        raise ValueError("--tst-tokenizer (the tokenizer.json used to preprocess the data) is required")
+    args.tst_tokenizer_obj = HFTokenizer.from_file(args.tst_tokenizer)
+    args.tst_eod_id = args.tst_tokenizer_obj.eod
+
+    pretrain(
+        pretrain_cfg_container_from_args(args),
+        train_valid_test_datasets_provider,
+        ModelType.encoder_or_decoder,
+        forward_step,
+        model_provider,
+    )
+
+
+if __name__ == "__main__":
+    main()
