@@ -275,6 +275,65 @@ def _set_cpu_rng_state(new_state, device=-1, graph_safe=False):
     torch.set_rng_state(new_state)
 
 
+# -- CPU tensors passing as CUDA tensors inside a few Megatron functions -----------------------
+# Tensor methods cannot be reached through a module's `torch`, so the functions below that call
+# `t.cuda()` or compare `t.type()` with "torch.cuda.FloatTensor" run with both methods swapped
+# for the duration of the call only (nothing else sees them).
+
+_REAL_TENSOR_TYPE = torch.Tensor.type
+
+
+def _tensor_stays(self, device=None, non_blocking=False, memory_format=torch.preserve_format):
+    return self
+
+
+def _type_named_as_cuda(self, dtype=None, non_blocking=False, **kwargs):
+    if dtype is None and not kwargs and self.device.type == "cpu":
+        return _REAL_TENSOR_TYPE(self).replace("torch.", "torch.cuda.", 1)
+    return _REAL_TENSOR_TYPE(self, dtype, non_blocking, **kwargs)
+
+
+@contextlib.contextmanager
+def _cpu_tensors_pass_as_cuda():
+    """While active, `Tensor.cuda()` returns the tensor itself and `Tensor.type()` names a CPU
+    tensor by its CUDA type ("torch.cuda.FloatTensor")."""
+    saved = torch.Tensor.cuda, torch.Tensor.type
+    torch.Tensor.cuda, torch.Tensor.type = _tensor_stays, _type_named_as_cuda
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda, torch.Tensor.type = saved
+
+
+def _passing_as_cuda(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _cpu_tensors_pass_as_cuda():
+            return wrapper.__wrapped__(*args, **kwargs)
+
+    return wrapper
+
+
+def _patch_callers(callers) -> None:
+    for module_name, path in callers:
+        owner = importlib.import_module(module_name)
+        *outer, name = path.split(".")
+        for part in outer:
+            owner = getattr(owner, part)
+        _patch(owner, name, _passing_as_cuda(getattr(owner, name)))
+
+
+# (module, attribute path) of each function that runs under `_cpu_tensors_pass_as_cuda`.
+_MODEL_CUDA_CALLERS = (
+    # language_module.py:307 `weight.data = weight.data.cuda()` (tied embeddings with PP > 1)
+    ("megatron.core.models.common.language_module.language_module",
+     "LanguageModule.setup_embeddings_and_output_layer"),
+    # data.py:84 `data[key].cuda()` (tensor_parallel.broadcast_data)
+    ("megatron.core.tensor_parallel.data", "broadcast_data"),
+    ("megatron.core.tensor_parallel", "broadcast_data"),  # the package re-exports it
+)  # fmt: skip
+
+
 class _DropForkWarning(logging.Filter):
     """`CudaRNGStatesTracker.fork` warns when the CPU RNG moves inside a fork; on CPU the tracked
     generator *is* the CPU generator, so it always moves (random.py:329-333)."""
@@ -319,6 +378,7 @@ def enable_megatron_cpu(*, trainer: bool = True, force: bool = False) -> bool:
     for module_name, name, fn, for_trainer in _FUNCTION_PATCHES:
         if not for_trainer:
             _patch(importlib.import_module(module_name), name, fn)
+    _patch_callers(_MODEL_CUDA_CALLERS)
     _add_log_filter("megatron.core.tensor_parallel.random", _DropForkWarning())
     _ENABLED = True
     if trainer:
@@ -393,6 +453,9 @@ _TRAINER_VIEW_MODULES = (
     "megatron.core.timers",
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",
     "megatron.core.dist_checkpointing.exchange_utils",
+    "megatron.core.dist_checkpointing.strategies.async_utils",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "megatron.core.dist_checkpointing.strategies.fully_parallel",
 )
 # initialize.py additionally sees one "device" so that it initializes model parallelism and
 # seeds the RNG tracker (both skipped when torch.cuda.device_count() == 0).
@@ -416,9 +479,87 @@ def _compile_helpers():
         return _compile_helpers.__wrapped__()
 
 
+@_replace("megatron.training.utils.common_utils", "get_device_arch_version", trainer=True)
+def _get_device_arch_version():
+    """No GPU architecture on CPU: 0, i.e. "before Blackwell" (common_utils.py:502-504 reads
+    cuda:0's properties). validate_args then wants CUDA_DEVICE_MAX_CONNECTIONS=1 for TP/CP > 1."""
+    return 0
+
+
+@_replace("megatron.training.initialize", "_warmup_jit_function", trainer=True)
+def _warmup_jit_function(*args, **kwargs):
+    """The JIT warm-up draws `torch.rand(..., device="cuda")` sized by TP (initialize.py:497-558).
+    On a GPU that moves the CUDA generator; on CPU it would move the CPU generator that
+    `--use-cpu-initialization` draws the weights from, making the initial model depend on TP.
+    Run it with the CPU generator forked, as it would be on a GPU."""
+    with torch.random.fork_rng(devices=[]):
+        return _warmup_jit_function.__wrapped__(*args, **kwargs)
+
+
+def _distopt_sharded_state_dict(self, model_sharded_state_dict=None, is_loading=False, **kwargs):
+    """DistributedOptimizer.sharded_state_dict for loading before the first step.
+
+    Without Apex/TE (always so on CPU) `state_dict()` reads the step from the torch optimizer's
+    per-parameter state (distrib_optimizer.py:837-839), which is empty until the first step, so
+    `--load` with `--use-distributed-optimizer` asserts. Fill the state with Megatron's own dummy
+    step first, as it does for the fsdp_dtensor format (distrib_optimizer.py:1642-1643); the
+    load then overwrites it."""
+    if is_loading and not self.optimizer.state:
+        self._init_optimizer_states_with_dummy_values()
+    if model_sharded_state_dict is None:
+        model_sharded_state_dict = {}
+    return _distopt_sharded_state_dict.__wrapped__(
+        self, model_sharded_state_dict, is_loading, **kwargs
+    )
+
+
+def _distopt_load_state_dict(self, state_dict):
+    """DistributedOptimizer.load_state_dict, then give every parameter its own, correct `step`.
+
+    Without Apex/TE the step lives in torch Adam's per-parameter state, and the load gets it
+    wrong twice: it puts one shared tensor in every parameter's state (distrib_optimizer.py:
+    1024-1030), which torch's Adam then increments once per parameter per iteration; and the
+    per-parameter state it copies in afterwards carries the pre-load placeholder step. Either
+    way the bias correction after a resume differs from the uninterrupted run. The step saved in
+    the checkpoint's param_groups is the true one: set it on each parameter."""
+    result = _distopt_load_state_dict.__wrapped__(self, state_dict)
+    groups = state_dict.get("optimizer", {}).get("param_groups", [])
+    steps = {float(g["step"]) for g in groups if g.get("step") is not None}
+    if len(steps) == 1:
+        step = steps.pop()
+        for state in self.optimizer.state.values():
+            if "step" in state:
+                state["step"] = torch.tensor(step, dtype=torch.float32)
+    return result
+
+
+def _set_main_param_and_optimizer_states(self, *args, **kwargs):
+    """DistributedOptimizer._set_main_param_and_optimizer_states under torch.no_grad(): with fp32
+    params the main param is a view of the model param (a leaf that requires grad) and the
+    `copy_` at distrib_optimizer.py:1225 raises outside no_grad (bf16 params are unaffected)."""
+    with torch.no_grad():
+        return _set_main_param_and_optimizer_states.__wrapped__(self, *args, **kwargs)
+
+
 def _module_cpu(self, device=None):
     """MegatronModule.cuda on CPU: stay on CPU (get_model calls model.cuda(current_device()))."""
     return self
+
+
+_TRAINER_CUDA_CALLERS = (
+    # clip_grads.py:174 `assert param.grad.type() == 'torch.cuda.FloatTensor'`
+    ("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32"),
+    ("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32"),  # imported by name
+    # distrib_optimizer.py:401,466,758 and optimizer.py:1009,1028 sort params by `.type()`
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.__init__"),
+    ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params.__init__"),
+)  # fmt: skip
+
+_ALIASES = (
+    ("megatron.training.training", "initialize_megatron", _initialize_megatron),
+    ("megatron.training.arguments", "get_device_arch_version", _get_device_arch_version),
+    ("megatron.training.utils", "get_device_arch_version", _get_device_arch_version),
+)  # fmt: skip
 
 
 def _enable_trainer() -> None:
@@ -435,9 +576,20 @@ def _enable_trainer() -> None:
     for module_name, name, fn, for_trainer in _FUNCTION_PATCHES:
         if for_trainer:
             _patch(importlib.import_module(module_name), name, fn)
-    # pretrain's module imported initialize_megatron by name: patch that reference too.
-    training = importlib.import_module("megatron.training.training")
-    _patch(training, "initialize_megatron", _wrapper_alias(_initialize_megatron))
+    # Modules that imported a patched function by name: patch those references too.
+    for module_name, name, fn in _ALIASES:
+        _patch(importlib.import_module(module_name), name, _wrapper_alias(fn))
+    _patch_callers(_TRAINER_CUDA_CALLERS)
+    from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE, DistributedOptimizer
+
+    if not HAVE_APEX_OR_TE:
+        _patch(DistributedOptimizer, "sharded_state_dict", _distopt_sharded_state_dict)
+        _patch(DistributedOptimizer, "load_state_dict", _distopt_load_state_dict)
+    _patch(
+        DistributedOptimizer,
+        "_set_main_param_and_optimizer_states",
+        _set_main_param_and_optimizer_states,
+    )
     from megatron.core.transformer.module import MegatronModule
 
     _patch(MegatronModule, "cuda", _module_cpu)

@@ -175,11 +175,17 @@ def run(argv: list[str], *, nproc: int = 1, log_file: Optional[Path] = None) -> 
     env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1", PYTHONUNBUFFERED="1")
     for phase, extra in phase_commands(argv, args, plan):
         cmd = launch_command(nproc, extra)
-        print(f"[nemo-tst] phase {phase}: {' '.join(cmd)}", flush=True)
+        first = plan.phase1_iters + 1 if phase == 2 else 1
+        last = plan.train_iters if phase == 2 else plan.phase1_iters
+        print(f"[nemo-tst] phase {phase} (iterations {first}-{last}) on {nproc} process(es)"
+              + (f", log: {log_file}" if log_file else ""), flush=True)
         if log_file is None:
+            print(f"[nemo-tst] {' '.join(cmd)}", flush=True)
             rc = subprocess.run(cmd, env=env).returncode
         else:
             with open(log_file, "a") as log:
+                log.write(f"[nemo-tst] {' '.join(cmd)}\n")
+                log.flush()
                 rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
         if rc != 0:
             raise RuntimeError(

@@ -1,0 +1,53 @@
+"""Read the numbers back out of Megatron-LM's training log (what it prints on the last rank).
+
+    " iteration        4/      10 | consumed samples: ... | lm loss: 6.138480E+00 | ..."
+    " validation loss at iteration 10 | lm loss value: 5.613347E+00 | ..."
+    "[tst] iteration 4 | phase 2 | s 1 | latent positions 32 | text tokens 1664"   (ours)
+
+Megatron prints losses with seven significant digits; that is the precision of anything read
+back here.
+"""
+
+import re
+from dataclasses import dataclass, field
+
+__all__ = ["TrainingLog", "parse_training_log"]
+
+_FLOAT = r"([-+]?\d+\.\d+E[-+]\d+|nan|inf)"
+_TRAIN = re.compile(r"\biteration\s+(\d+)/\s*(\d+) \|(.*)$")
+_KEY_VALUE = re.compile(r"\s*([a-zA-Z][\w +\-]*?): " + _FLOAT + r" \|")
+_VALID = re.compile(r"validation loss at iteration (\d+)( on \w+ set)? \| lm loss value: " + _FLOAT)
+_TST = re.compile(r"^\[tst\] iteration (\d+) \| phase (\d) \| s (\d+) \| latent positions (\d+) \| text tokens (\d+)")
+
+
+@dataclass
+class TrainingLog:
+    train: dict[int, dict[str, float]] = field(default_factory=dict)
+    """iteration -> {"lm loss": ..., "tst loss": ..., "learning rate": ...}"""
+    valid: dict[int, float] = field(default_factory=dict)
+    """iteration -> held-out next-token loss (the periodic validation, not the final sets)"""
+    text_tokens: dict[int, int] = field(default_factory=dict)
+    """iteration -> text tokens trained on after it"""
+    phase: dict[int, int] = field(default_factory=dict)
+
+    def loss(self, iteration: int) -> float:
+        """The training loss of an iteration: multi-hot in phase 1, next-token in phase 2."""
+        row = self.train[iteration]
+        return row["tst loss"] if "tst loss" in row else row["lm loss"]
+
+
+def parse_training_log(text: str) -> TrainingLog:
+    log = TrainingLog()
+    for line in text.splitlines():
+        # Megatron prefixes a timestamp, and other ranks' output may precede it on the line.
+        if m := _TRAIN.search(line):
+            values = {k.strip(): float(v) for k, v in _KEY_VALUE.findall(m.group(3))}
+            log.train[int(m.group(1))] = values
+        elif m := _VALID.search(line):
+            if m.group(2) is None:  # skip the end-of-training "on validation/test set" lines
+                log.valid[int(m.group(1))] = float(m.group(3))
+        elif m := _TST.match(line):
+            it = int(m.group(1))
+            log.phase[it] = int(m.group(2))
+            log.text_tokens[it] = int(m.group(5))
+    return log
