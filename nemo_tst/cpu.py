@@ -1,21 +1,127 @@
-"""Run Megatron-Core (and later Megatron-LM's trainer) on CPU with gloo. Opt-in; tests/CI/demo only.
+"""Megatron-Core and megatron.training on CPU with gloo: every patch in one place, all opt-in.
 
-USAGE (model level: build a GPTModel and run forward/backward on CPU)::
+For tests, CI and the CPU demo only. Nothing else in `nemo_tst` imports this module, and it
+changes nothing until `enable_megatron_cpu()` is called. Written against megatron-core 0.19.2
+(file:line below are inside `megatron/`).
+
+USAGE, MODEL LEVEL (build a GPTModel and run forward/backward on CPU; TP/PP/EP over gloo)::
 
     from nemo_tst import cpu
-    cpu.enable_megatron_cpu()                 # FIRST: before building any model
-    torch.distributed.init_process_group("gloo", rank=r, world_size=w)   # MASTER_ADDR/PORT set
+    cpu.enable_megatron_cpu(trainer=False)    # 1. first: before building anything
+    torch.distributed.init_process_group("gloo", rank=r, world_size=w)  # MASTER_ADDR/PORT set
     parallel_state.initialize_model_parallel(tp, pp, expert_model_parallel_size=ep)
-    cpu.seed_model_parallel(seed)             # = torch.manual_seed + model_parallel_cuda_manual_seed
-    model = GPTModel(TransformerConfig(..., use_cpu_initialization=True),
-                     get_gpt_layer_local_spec(...), vocab_size, max_seq_len,
-                     position_embedding_type="rope")
-    mask = cpu.causal_attention_mask(seq_len)         # [1, 1, s, s] bool, True = masked
-    loss = model(ids, position_ids, mask, labels=labels)   # [b, s] fp32 per-token CE
-    ...
+    cpu.seed_model_parallel(seed)             # 2. = torch.manual_seed + model_parallel_cuda_manual_seed
+    model = GPTModel(config=TransformerConfig(..., use_cpu_initialization=True),
+                     transformer_layer_spec=get_gpt_layer_local_spec(num_experts=...),
+                     vocab_size=V, max_sequence_length=S, position_embedding_type="rope")
+    loss = model(ids, position_ids, cpu.causal_attention_mask(s), labels=labels)  # [b, s] fp32
+    loss.mean().backward()
     parallel_state.destroy_model_parallel(); torch.distributed.destroy_process_group()
 
-Nothing else in `nemo_tst` imports this module: only tests, CI and the CPU demo path do.
+- `use_cpu_initialization=True` makes the initial weights independent of the TP size (each rank
+  draws the full matrix from the CPU generator and keeps its shard): TP=2 reproduces TP=1.
+- An explicit mask is optional: without one Megatron's default causal mask is built on CPU.
+- MoE: `moe_token_dispatcher_type="allgather"` (EP over gloo works). Not on CPU: "alltoall"
+  (gloo's all_to_all_single rejects its split sizes), MoE with TP>1 in training mode (Megatron
+  requires sequence parallel, which the local spec does not support), expert biases with TP=1
+  (an in-place add on a custom-Function output in mlp.py:354; upstream, not CPU): use
+  `add_bias_linear=False` for MoE.
+- PP>1: pass `pipeline_dtype` in the config and run Megatron's schedule
+  (`get_forward_backward_func()`), as on GPU; p2p over gloo works.
+
+USAGE, TRAINER LEVEL (`megatron.training.pretrain`)::
+
+    from nemo_tst import cpu
+    cpu.enable_megatron_cpu()                 # before parse_and_validate_args / pretrain
+    args = parse_and_validate_args(); pretrain(pretrain_cfg_container_from_args(args), ...)
+
+with `--distributed-backend gloo --transformer-impl local --use-cpu-initialization
+--no-persist-layer-norm --no-gradient-accumulation-fusion --no-masked-softmax-fusion
+--no-bias-gelu-fusion --no-bias-dropout-fusion --no-rope-fusion --num-workers 0`, and
+CUDA_DEVICE_MAX_CONNECTIONS=1 in the environment when TP or CP > 1 (validate_args asserts it
+for pre-Blackwell devices, which CPU counts as). In forward_step move batches with
+`.to(device)` where device is "cpu" when CUDA is unavailable: `.cuda()` there still fails.
+Checked: world size 1; TP=2; PP=2 (also interleaved); DP=2 with and without
+--use-distributed-optimizer (+ overlap grad-reduce / param-gather, --ckpt-fully-parallel-load);
+MoE EP=2 (allgather); --bf16. Each saves torch_dist checkpoints and resumes from them with the
+same losses as an uninterrupted run.
+
+HOW IT PATCHES (narrowest first; each replaced object keeps the original as `__wrapped__`;
+`disable_megatron_cpu()` restores everything; calling enable twice is a no-op; with CUDA
+available it refuses unless `force=True`)
+
+1. The CPU view of torch. In the modules of table A only, the global name `torch` is rebound
+   to a module object that forwards everything to torch except: `torch.cuda.current_device()`
+   -> torch.device("cpu"); `synchronize`, `empty_cache`, `set_device` -> no-ops; `Stream`,
+   `Event`, `current_stream`, `stream(...)` -> no-op stand-ins; memory statistics -> 0;
+   `torch.cuda.{get,set}_rng_state`, `manual_seed` -> the CPU generator; factory functions
+   (`torch.empty/zeros/ones/full/tensor/arange/rand...`) and `torch.device(...)` map a CUDA
+   device to CPU. `torch.cuda.is_available()` stays False. torch itself is untouched.
+2. Tensor methods (`t.cuda()`, `t.type() == "torch.cuda.FloatTensor"`) cannot be reached that
+   way: the functions of table B run with `Tensor.cuda` = identity and `Tensor.type()` naming a
+   CPU tensor by its CUDA type, for the duration of the call only.
+3. Function replacements, table C.
+
+A. Modules whose `torch` is the CPU view (what they call)
+   model level (always):
+   models/common/embeddings/rotary_pos_embedding.py:78,162,305   current_device (inv_freq)
+   tensor_parallel/mappings.py:95,145,152,185,447                 current_device (buffers)
+   tensor_parallel/random.py:303-306                              cuda get_rng_state/manual_seed
+   tensor_parallel/layers.py:305,647,1000,1041,1363,1403          current_device (GPU-init path)
+   tensor_parallel/data.py:37                                     device='cuda' (broadcast_data)
+   transformer/dot_product_attention.py:121-132                   current_device (softmax_offset)
+   transformer/moe/router.py:98-100,184-247                       current_device
+   transformer/utils.py:39,44                                     causal/SWA mask on "cuda"
+   utils.py:715,1332,2189-2300                                    current_device, "cuda" tensors
+   pipeline_parallel/schedules.py:749,1121,2292                   "cuda" token counters
+   pipeline_parallel/p2p_communication.py:211-223,263,334-342,419 recv buffers, synchronize
+   trainer (trainer=True):
+   training/training.py:1131,1137,1876-1896,2613,2884,3298,4270-4379,4588-4653
+                                               "cuda" tensors, DDP-init stream, empty_cache
+   training/checkpointing.py:375,398-417,2664-2677   "cuda" tensor, cuda RNG state save/load
+   training/utils/common_utils.py:55-60,222-227      "cuda" tensors, memory report
+   training/initialize.py:131,270-283,447,509-558    also device_count() -> 1, so model-parallel
+                                                     init and RNG seeding run (0 skips both)
+   core/optimizer/clip_grads.py:96-112,180,231; optimizer.py:315,690-702,1249;
+   distrib_optimizer.py:998; grad_scaler.py:20,111-117        "cuda" tensors
+   core/distributed/param_and_grad_buffer.py:632,691,814,1162-1186;
+   distributed_data_parallel.py:297,649,672                     current_device, streams, sync
+   core/rerun_state_machine.py:264,268,978-992                  "cuda" tensors, cuda RNG state
+   core/timers.py:152,165,303                                   synchronize
+   core/dist_checkpointing/strategies/state_dict_saver.py:204; filesystem_async.py:248;
+   fully_parallel.py:287,296; async_utils.py:224,273,698; exchange_utils.py:103,109,329
+B. Functions run with CPU tensors passing as CUDA tensors
+   models/common/language_module/language_module.py:307  LanguageModule.
+       setup_embeddings_and_output_layer: `weight.data.cuda()` (tied embeddings, PP > 1)
+   tensor_parallel/data.py:84 broadcast_data (also the tensor_parallel re-export): `.cuda()`
+   optimizer/clip_grads.py:174 clip_grad_by_total_norm_fp32 (also optimizer.py's by-name
+       import): `assert param.grad.type() == 'torch.cuda.FloatTensor'`
+   optimizer/distrib_optimizer.py:401,466,758 DistributedOptimizer.__init__, optimizer.py:
+       1009,1028 Float16OptimizerWithFloat16Params.__init__: params sorted by `.type()`
+   dist_checkpointing/exchange_utils.py:339,506 exchange_loaded_tensors_{gather_rounds,
+       broadcast}: `.cuda()` on loaded shards (--ckpt-fully-parallel-load)
+C. Replaced functions
+   tensor_parallel/random.py:104-175 `_get_cuda_rng_state`, `_set_cuda_rng_state` -> CPU
+       generator state (the RNG tracker's states live on the CPU generator; a log filter drops
+       fork()'s "CPU RNG state changed within GPU RNG context" warning, random.py:331-333)
+   trainer only:
+   training/initialize.py:42-66 `initialize_megatron` (and training.py's by-name import):
+       allow_no_cuda=True (pretrain passes nothing, so it asserts torch.cuda.is_available())
+   training/initialize.py:497-558 `_warmup_jit_function`: run with the CPU generator forked
+       (its torch.rand(..., device="cuda") sized by TP would shift the CPU-init weights)
+   training/utils/common_utils.py:502-504 `get_device_arch_version` (and arguments.py's and
+       training.utils' by-name imports) -> 0 (it reads cuda:0's properties)
+   core/datasets/utils.py:20-30 `compile_helpers`: skip `make` when the shipped helpers_cpp
+       extension imports (the wheel has no Makefile)
+   core/transformer/module.py MegatronModule.cuda -> returns self (training.py:1818 calls
+       model.cuda(current_device()))
+   core/optimizer/distrib_optimizer.py (only without Apex/TE, i.e. always on CPU):
+       `sharded_state_dict(is_loading=True)` first fills empty optimizer state with
+       Megatron's dummy step (837-839 assert otherwise, before the first step);
+       `load_state_dict` then sets each parameter's own `step` from the checkpoint's
+       param_groups (1024-1030 share one tensor that torch Adam increments per parameter);
+       `_set_main_param_and_optimizer_states` under no_grad (1225 copies into a view of a
+       leaf that requires grad with fp32 params)
 """
 
 import contextlib
@@ -234,24 +340,18 @@ def _replace(module_name: str, name: str, *, trainer: bool = False) -> Callable[
 _FUNCTION_PATCHES: list[tuple[str, str, Callable, bool]] = []
 
 
-# Modules whose global `torch` becomes the CPU view (see the table in the module docstring).
+# Modules whose global `torch` becomes the CPU view (what each needs: module docstring, table A).
 _MODEL_VIEW_MODULES = (
     "megatron.core.models.common.embeddings.rotary_pos_embedding",
-    "megatron.core.models.gpt.gpt_model",
+    "megatron.core.pipeline_parallel.p2p_communication",
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.tensor_parallel.data",
     "megatron.core.tensor_parallel.layers",
     "megatron.core.tensor_parallel.mappings",
     "megatron.core.tensor_parallel.random",
-    "megatron.core.tensor_parallel.data",
-    "megatron.core.transformer.attention",
     "megatron.core.transformer.dot_product_attention",
-    "megatron.core.transformer.module",
-    "megatron.core.transformer.transformer_layer",
-    "megatron.core.transformer.utils",
-    "megatron.core.transformer.moe.moe_layer",
-    "megatron.core.transformer.moe.moe_utils",
     "megatron.core.transformer.moe.router",
-    "megatron.core.transformer.moe.shared_experts",
-    "megatron.core.transformer.moe.token_dispatcher",
+    "megatron.core.transformer.utils",
     "megatron.core.utils",
 )
 
@@ -336,7 +436,7 @@ _MODEL_CUDA_CALLERS = (
 
 class _DropForkWarning(logging.Filter):
     """`CudaRNGStatesTracker.fork` warns when the CPU RNG moves inside a fork; on CPU the tracked
-    generator *is* the CPU generator, so it always moves (random.py:329-333)."""
+    generator *is* the CPU generator, so it always moves (random.py:331-333)."""
 
     def filter(self, record):
         return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
@@ -434,28 +534,24 @@ def causal_attention_mask(seq_len: int, device: Any = "cpu") -> torch.Tensor:
 
 _TRAINER_ENABLED = False
 
-# Modules (trainer path) whose global `torch` becomes the CPU view.
+# Modules (trainer path) whose global `torch` becomes the CPU view (module docstring, table A).
 _TRAINER_VIEW_MODULES = (
-    "megatron.training.training",
-    "megatron.training.checkpointing",
-    "megatron.training.utils.common_utils",
-    "megatron.core.distributed.distributed_data_parallel",
-    "megatron.core.distributed.param_and_grad_buffer",
-    "megatron.core.distributed.finalize_model_grads",
-    "megatron.core.optimizer.optimizer",
-    "megatron.core.optimizer.distrib_optimizer",
-    "megatron.core.optimizer.clip_grads",
-    "megatron.core.optimizer.grad_scaler",
-    "megatron.core.pipeline_parallel.schedules",
-    "megatron.core.pipeline_parallel.p2p_communication",
-    "megatron.core.pipeline_parallel.utils",
-    "megatron.core.rerun_state_machine",
-    "megatron.core.timers",
-    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
-    "megatron.core.dist_checkpointing.exchange_utils",
     "megatron.core.dist_checkpointing.strategies.async_utils",
     "megatron.core.dist_checkpointing.strategies.filesystem_async",
     "megatron.core.dist_checkpointing.strategies.fully_parallel",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.dist_checkpointing.exchange_utils",
+    "megatron.core.distributed.distributed_data_parallel",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.rerun_state_machine",
+    "megatron.core.timers",
+    "megatron.training.checkpointing",
+    "megatron.training.training",
+    "megatron.training.utils.common_utils",
 )
 # initialize.py additionally sees one "device" so that it initializes model parallelism and
 # seeds the RNG tracker (both skipped when torch.cuda.device_count() == 0).
@@ -553,6 +649,9 @@ _TRAINER_CUDA_CALLERS = (
     # distrib_optimizer.py:401,466,758 and optimizer.py:1009,1028 sort params by `.type()`
     ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.__init__"),
     ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params.__init__"),
+    # exchange_utils.py:339,506 `.cuda()` on loaded shards (--ckpt-fully-parallel-load)
+    ("megatron.core.dist_checkpointing.exchange_utils", "exchange_loaded_tensors_gather_rounds"),
+    ("megatron.core.dist_checkpointing.exchange_utils", "exchange_loaded_tensors_broadcast"),
 )  # fmt: skip
 
 _ALIASES = (

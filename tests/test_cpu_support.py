@@ -25,14 +25,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _build_and_step(tp: int, ep: int, moe: bool) -> dict:
-    """Build a tiny GPTModel (local spec, rope) on this rank and run one forward+backward."""
+def _build_and_step(tp: int, ep: int, moe: bool, pp: int = 1) -> dict:
+    """Build a tiny GPTModel (local spec, rope) on this rank and run one forward+backward
+    (through Megatron's pipeline schedule when pp > 1)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
 
-    ps.initialize_model_parallel(tp, 1, expert_model_parallel_size=ep)
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    ps.initialize_model_parallel(tp, pp, expert_model_parallel_size=ep)
     cpu.seed_model_parallel(1234)
     moe_kwargs = {}
     if moe:
@@ -49,6 +52,8 @@ def _build_and_step(tp: int, ep: int, moe: bool) -> dict:
         num_attention_heads=4,
         ffn_hidden_size=64,
         tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        pipeline_dtype=torch.float32,
         expert_model_parallel_size=ep,
         use_cpu_initialization=True,
         hidden_dropout=0.0,
@@ -63,21 +68,45 @@ def _build_and_step(tp: int, ep: int, moe: bool) -> dict:
         vocab_size=VOCAB,
         max_sequence_length=SEQ,
         position_embedding_type="rope",
+        pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(),
     )
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen)
     labels = torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen)
     positions = torch.arange(SEQ).expand(BATCH, SEQ)
-    loss = model(ids, positions, cpu.causal_attention_mask(SEQ), labels=labels).mean()  # [b, s]
-    loss.backward()
+    mask = cpu.causal_attention_mask(SEQ)
+    if pp == 1:
+        loss = model(ids, positions, mask, labels=labels).mean()  # per-token CE [b, s]
+        loss.backward()
+        loss = loss.item()
+    else:
+
+        def forward_step(data_iterator, model):
+            output = model(ids, positions, mask, labels=labels)
+            return output, lambda out: (out.mean(), {"loss": out.mean().detach()})
+
+        model.config.finalize_model_grads_func = None
+        losses = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=None,
+            model=[model],
+            num_microbatches=2,
+            seq_length=SEQ,
+            micro_batch_size=BATCH,
+            forward_only=False,
+        )
+        loss = losses[0]["loss"].item() if ps.is_pipeline_last_stage() else float("nan")
     out = {
-        "loss": loss.item(),
-        # Replicated across TP ranks: the same gradient at any TP size.
-        "norm_grad": model.decoder.final_layernorm.weight.grad.clone(),
+        "loss": loss,
         "all_grads_finite": all(
             torch.isfinite(p.grad).all().item() for p in model.parameters() if p.grad is not None
         ),
+        "has_grads": any(p.grad is not None for p in model.parameters()),
     }
+    if ps.is_pipeline_last_stage():
+        # Replicated across TP ranks: the same gradient at any TP size.
+        out["norm_grad"] = model.decoder.final_layernorm.weight.grad.clone()
     ps.destroy_model_parallel()
     return out
 
@@ -106,33 +135,87 @@ def single_rank(tmp_path_factory):
     return _spawn(1, [(1, 1, False), (1, 1, True)], tmp_path_factory.mktemp("ws1"))[0]
 
 
-def test_enable_is_idempotent_and_keeps_originals():
-    import megatron.core.tensor_parallel.random as mrandom
-    from megatron.core.models.common.embeddings import rotary_pos_embedding
-
-    original_get = mrandom._get_cuda_rng_state
+@pytest.fixture
+def cpu_patches_off():
+    """Run with the patches off, then put back whatever state other tests left them in."""
+    was_enabled, had_trainer = cpu.is_enabled(), cpu._TRAINER_ENABLED
     cpu.disable_megatron_cpu()
-    try:
-        assert cpu.enable_megatron_cpu(trainer=False)
-        patched_get = mrandom._get_cuda_rng_state
-        view = rotary_pos_embedding.torch
-        assert cpu.enable_megatron_cpu(trainer=False)  # second call: nothing changes
-        assert mrandom._get_cuda_rng_state is patched_get
-        assert rotary_pos_embedding.torch is view
-        assert patched_get.__wrapped__ is original_get
-        assert view.__wrapped__ is torch
-        # Only Megatron's view of torch changes, not torch itself.
-        assert view.cuda.current_device() == torch.device("cpu")
-        assert view.empty(2, device="cuda").device.type == "cpu"
-        assert isinstance(torch.device("cpu"), view.device)
-        with pytest.raises(RuntimeError):
-            torch.cuda.current_device()
-        cpu.disable_megatron_cpu()
-        assert mrandom._get_cuda_rng_state is original_get
-        assert rotary_pos_embedding.torch is torch
-        assert not cpu.is_enabled()
-    finally:
-        cpu.disable_megatron_cpu()
+    yield
+    cpu.disable_megatron_cpu()
+    if was_enabled:
+        cpu.enable_megatron_cpu(trainer=had_trainer)
+
+
+def test_enable_is_idempotent_keeps_originals_and_disables(cpu_patches_off):
+    import megatron.core.tensor_parallel.random as mrandom
+    import megatron.training.initialize as minit
+    import megatron.training.training as mtraining
+    from megatron.core.models.common.embeddings import rotary_pos_embedding
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.transformer.module import MegatronModule
+
+    originals = {
+        "get_rng": mrandom._get_cuda_rng_state,
+        "init": minit.initialize_megatron,
+        "init_in_training": mtraining.initialize_megatron,
+        "clip": clip_grads.clip_grad_by_total_norm_fp32,
+    }
+    assert "cuda" not in vars(MegatronModule)
+
+    assert cpu.enable_megatron_cpu()
+    patched = {
+        "get_rng": mrandom._get_cuda_rng_state,
+        "init": minit.initialize_megatron,
+        "init_in_training": mtraining.initialize_megatron,
+        "clip": clip_grads.clip_grad_by_total_norm_fp32,
+    }
+    view = rotary_pos_embedding.torch
+    assert cpu.enable_megatron_cpu()  # second call: nothing changes
+    assert mrandom._get_cuda_rng_state is patched["get_rng"]
+    assert minit.initialize_megatron is patched["init"]
+    assert rotary_pos_embedding.torch is view
+    for key, fn in patched.items():
+        assert fn is not originals[key] and fn.__wrapped__ is originals[key], key
+    assert view.__wrapped__ is torch
+    assert MegatronModule.cuda.__wrapped__ is torch.nn.Module.cuda
+
+    # Only Megatron's view of torch changes, never torch itself.
+    assert view.cuda.current_device() == torch.device("cpu")
+    assert view.empty(2, device="cuda").device.type == "cpu"
+    assert view.device("cuda", 1) == torch.device("cpu")
+    assert isinstance(torch.device("cpu"), view.device)
+    with pytest.raises(RuntimeError):
+        torch.cuda.current_device()
+
+    cpu.disable_megatron_cpu()
+    assert not cpu.is_enabled()
+    assert rotary_pos_embedding.torch is torch
+    for key, fn in originals.items():
+        current = {
+            "get_rng": mrandom._get_cuda_rng_state,
+            "init": minit.initialize_megatron,
+            "init_in_training": mtraining.initialize_megatron,
+            "clip": clip_grads.clip_grad_by_total_norm_fp32,
+        }[key]
+        assert current is fn, key
+    assert "cuda" not in vars(MegatronModule)
+
+
+def test_tensor_methods_are_swapped_only_inside_patched_calls(cpu_patches_off):
+    cpu.enable_megatron_cpu(trainer=False)
+    t = torch.zeros(2)
+    with cpu._cpu_tensors_pass_as_cuda():
+        assert t.cuda() is t and t.type() == "torch.cuda.FloatTensor"
+        assert t.type(torch.float64).dtype == torch.float64
+    assert t.type() == "torch.FloatTensor"
+    with pytest.raises((RuntimeError, AssertionError)):
+        t.cuda()
+
+
+def test_refuses_when_cuda_is_available(cpu_patches_off, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cpu.enable_megatron_cpu() is False
+    assert not cpu.is_enabled()
 
 
 def test_causal_attention_mask():
@@ -149,8 +232,8 @@ def test_gpt_forward_backward_single_rank(single_rank):
         assert result["all_grads_finite"]
 
 
-def test_tp2_matches_tp1_and_moe_ep2_runs(single_rank, tmp_path):
-    ranks = _spawn(2, [(2, 1, False), (1, 2, True)], tmp_path)
+def test_tp2_matches_tp1_and_moe_ep2_and_pp2_run(single_rank, tmp_path):
+    ranks = _spawn(2, [(2, 1, False), (1, 2, True), (1, 1, False, 2)], tmp_path)
     reference = single_rank[(1, 1, False)]
     for result in (r[(2, 1, False)] for r in ranks):
         torch.testing.assert_close(result["loss"], reference["loss"], rtol=1e-5, atol=1e-5)
@@ -159,3 +242,7 @@ def test_tp2_matches_tp1_and_moe_ep2_runs(single_rank, tmp_path):
         )
     for result in (r[(1, 2, True)] for r in ranks):
         assert torch.isfinite(torch.tensor(result["loss"])) and result["all_grads_finite"]
+    pp_first, pp_last = (r[(1, 1, False, 2)] for r in ranks)  # ranks 0 and 1 = stages 0 and 1
+    assert torch.isfinite(torch.tensor(pp_last["loss"]))
+    for stage in (pp_first, pp_last):
+        assert stage["has_grads"] and stage["all_grads_finite"]

@@ -5,7 +5,9 @@
     "[tst] iteration 4 | phase 2 | s 1 | latent positions 32 | text tokens 1664"   (ours)
 
 Megatron prints losses with seven significant digits; that is the precision of anything read
-back here.
+back here. Megatron 0.19 also does not reset its loss accumulator after the first iteration a
+process logs, so the next line it prints averages that iteration in; the reader undoes this
+(see `_unaverage`), which costs about one digit on that one line.
 """
 
 import re
@@ -17,6 +19,7 @@ _FLOAT = r"([-+]?\d+\.\d+E[-+]\d+|nan|inf)"
 _TRAIN = re.compile(r"\biteration\s+(\d+)/\s*(\d+) \|(.*)$")
 _KEY_VALUE = re.compile(r"\s*([a-zA-Z][\w +\-]*?): " + _FLOAT + r" \|")
 _VALID = re.compile(r"validation loss at iteration (\d+)( on \w+ set)? \| lm loss value: " + _FLOAT)
+_PROCESS_START = re.compile(r"^training \.\.\.$")
 _TST = re.compile(r"^\[tst\] iteration (\d+) \| phase (\d) \| s (\d+) \| latent positions (\d+) \| text tokens (\d+)")
 
 
@@ -36,13 +39,31 @@ class TrainingLog:
         return row["tst loss"] if "tst loss" in row else row["lm loss"]
 
 
+def _unaverage(first_it: int, first: dict, it: int, reported: dict) -> dict:
+    """The mean over iterations first_it+1 .. it from Megatron's mean over first_it .. it."""
+    n = it - first_it + 1
+    return {
+        k: (v * n - first[k]) / (n - 1) if k in first and "loss" in k else v
+        for k, v in reported.items()
+    }
+
+
 def parse_training_log(text: str) -> TrainingLog:
     log = TrainingLog()
+    first = None  # (iteration, values) of the first line the current process printed
     for line in text.splitlines():
+        if _PROCESS_START.match(line.strip()):
+            first = "next"
         # Megatron prefixes a timestamp, and other ranks' output may precede it on the line.
-        if m := _TRAIN.search(line):
+        elif m := _TRAIN.search(line):
+            it = int(m.group(1))
             values = {k.strip(): float(v) for k, v in _KEY_VALUE.findall(m.group(3))}
-            log.train[int(m.group(1))] = values
+            if first == "next":
+                first = (it, values)
+            elif first is not None:
+                values = _unaverage(first[0], first[1], it, values)
+                first = None
+            log.train[it] = values
         elif m := _VALID.search(line):
             if m.group(2) is None:  # skip the end-of-training "on validation/test set" lines
                 log.valid[int(m.group(1))] = float(m.group(3))

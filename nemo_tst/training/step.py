@@ -19,6 +19,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.utils import get_attr_wrapped_model
 from megatron.training import get_args
 
+from nemo_tst.training import faults
 from nemo_tst.superposition import (
     SuperpositionConfig,
     make_superposition_batch,
@@ -132,6 +133,8 @@ def forward_step(data_iterator, model):
     """Megatron forward_step: (output, loss_func) for either phase."""
     args = get_args()
     vp_stage = get_attr_wrapped_model(model, "vp_stage")
+    if model.training and getattr(args, "curr_iteration", None) is not None:
+        faults.maybe_kill(args.curr_iteration + 1)
     batch = get_batch(data_iterator, vp_stage)
     config = _tst_config()
     _log_progress(args, model)

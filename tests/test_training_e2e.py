@@ -1,0 +1,245 @@
+"""Two-phase TST through Megatron-LM's real trainer on CPU: handoff, TP=2, PP=2, kill/resume,
+and the vanilla-GPT reload of the final checkpoint.
+
+Every run here is `nemo-tst pretrain` in a subprocess (torchrun, gloo), exactly as a user runs
+it. One reference run (world size 1) is shared; the others are compared against its log.
+"""
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nemo_tst.training.logs import parse_training_log
+
+N, N1, SAVE_INTERVAL = 10, 3, 2  # --train-iters, phase-1 iterations (r = 0.3), checkpoints
+LR, MIN_LR, WARMUP, DECAY = 3e-3, 3e-4, 2, 2
+
+
+def tiny_args(data: dict) -> list[str]:
+    args = [
+        "--num-layers", 2, "--hidden-size", 64, "--num-attention-heads", 4, "--ffn-hidden-size", 128,
+        "--seq-length", 32, "--max-position-embeddings", 32, "--position-embedding-type", "rope",
+        "--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear",
+        "--untie-embeddings-and-output-weights", "--micro-batch-size", 2, "--global-batch-size", 4,
+        "--train-iters", N, "--lr", LR, "--min-lr", MIN_LR, "--lr-decay-style", "WSD",
+        "--lr-wsd-decay-style", "linear", "--lr-wsd-decay-iters", DECAY, "--lr-warmup-iters", WARMUP,
+        "--weight-decay", 0.0, "--clip-grad", 1.0, "--seed", 1234,
+        "--tokenizer-type", "NullTokenizer", "--vocab-size", data["vocab_size"],
+        "--train-data-path", data["train_prefix"], "--valid-data-path", data["valid_prefix"],
+        "--test-data-path", data["valid_prefix"], "--eval-iters", 1, "--eval-interval", 5,
+        "--log-interval", 1, "--save-interval", SAVE_INTERVAL, "--ckpt-format", "torch_dist",
+        "--distributed-backend", "gloo", "--transformer-impl", "local", "--use-cpu-initialization",
+        "--no-persist-layer-norm", "--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion",
+        "--no-bias-gelu-fusion", "--no-bias-dropout-fusion", "--no-rope-fusion", "--num-workers", 0,
+        "--attention-dropout", 0.0, "--hidden-dropout", 0.0, "--tst-cpu",
+        "--tst-tokenizer", data["tokenizer"], "--tst-bag-size", 4, "--tst-phase1-fraction", 0.3,
+    ]
+    return [str(a) for a in args]
+
+
+def pretrain_cmd(save: Path, argv: list[str], nproc: int = 1) -> list[str]:
+    return [sys.executable, "-m", "nemo_tst.cli", "pretrain", "--nproc-per-node", str(nproc),
+            "--save", str(save), *argv]
+
+
+def run_pretrain(save: Path, argv: list[str], nproc: int = 1):
+    log_path = save.parent / f"{save.name}.log"
+    with open(log_path, "a") as log:
+        proc = subprocess.run(pretrain_cmd(save, argv, nproc), stdout=log, stderr=subprocess.STDOUT)
+    text = log_path.read_text()
+    assert proc.returncode == 0, text[-4000:]
+    return parse_training_log(text), text
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from nemo_tst.demo import prepare_stdlib_data
+
+    return prepare_stdlib_data(tmp_path_factory.mktemp("data"), max_bytes=300_000, vocab_size=512)
+
+
+@pytest.fixture(scope="module")
+def seed_checkpoint(data, tmp_path_factory):
+    """Initial weights every run loads (--pretrained-checkpoint), so that PP=2, whose stages
+    Megatron seeds differently, starts from the same model as world size 1. A one-iteration
+    phase-1 run: Megatron's first update runs at the warm-up's LR of 0, so this is the init."""
+    save = tmp_path_factory.mktemp("seed") / "run"
+    argv = tiny_args(data) + ["--train-iters", "2", "--lr-warmup-iters", "1",
+                              "--lr-wsd-decay-iters", "1", "--tst-phase", "1"]
+    run_pretrain(save, argv)
+    return save / "phase1"
+
+
+@pytest.fixture(scope="module")
+def reference(data, seed_checkpoint, tmp_path_factory):
+    """The uninterrupted world-size-1 run every other run is compared with."""
+    save = tmp_path_factory.mktemp("reference") / "run"
+    argv = tiny_args(data) + ["--pretrained-checkpoint", str(seed_checkpoint)]
+    log, text = run_pretrain(save, argv)
+    return {"save": save, "argv": argv, "log": log, "text": text}
+
+
+def test_phase2_resumes_phase1_state_with_one_schedule(reference):
+    log, text = reference["log"], reference["text"]
+    assert sorted(log.train) == list(range(1, N + 1))
+    for it in range(1, N + 1):
+        phase = 1 if it <= N1 else 2
+        assert log.phase[it] == phase
+        assert ("tst loss" in log.train[it]) == (phase == 1)
+        assert ("tst loss t+4" in log.train[it]) == (phase == 1)
+    # Phase 2 is a resume of phase 1's last checkpoint, not a fine-tune.
+    assert re.search(rf"successfully loaded checkpoint from \S*/phase1 .* at iteration {N1}\b", text)
+    assert "not loading optimizer" not in text.lower()
+    # One WSD schedule over both phases: warm-up, flat through the handoff, linear decay at the end.
+    def wsd(it):
+        if it <= WARMUP:
+            return LR * it / WARMUP
+        if it <= N - DECAY:
+            return LR
+        return MIN_LR + (LR - MIN_LR) * (1 - (it - (N - DECAY)) / DECAY)
+
+    assert [log.train[it]["learning rate"] for it in range(1, N + 1)] == pytest.approx(
+        [wsd(it) for it in range(1, N + 1)], rel=1e-6
+    )
+    # Text flows s times faster in phase 1: 4 * 32 tokens per sample vs 32.
+    assert log.text_tokens[N1] == N1 * 4 * 4 * 32
+    assert log.text_tokens[N] == log.text_tokens[N1] + (N - N1) * 4 * 32
+    # Checkpoints: phase 1's handoff is kept in its own directory; phase 2 never writes there.
+    save = reference["save"]
+    assert (save / "phase1" / "latest_checkpointed_iteration.txt").read_text().strip() == str(N1)
+    assert (save / "phase2" / "latest_checkpointed_iteration.txt").read_text().strip() == str(N)
+    assert log.valid and all(math.isfinite(v) for v in log.valid.values())
+
+
+def losses(log):
+    return [log.loss(it) for it in range(1, N + 1)]
+
+
+@pytest.mark.parametrize("parallel", [["--tensor-model-parallel-size", "2"],
+                                      ["--pipeline-model-parallel-size", "2"]],
+                         ids=["tp2", "pp2"])
+def test_model_parallel_runs_match_world_size_1(reference, parallel, tmp_path):
+    log, _ = run_pretrain(tmp_path / "run", reference["argv"] + parallel, nproc=2)
+    assert losses(log) == pytest.approx(losses(reference["log"]), rel=2e-5)
+
+
+@pytest.mark.parametrize("kill_at,phase_dir", [(N1, "phase1"), (7, "phase2")],
+                         ids=["phase1", "phase2"])
+def test_killed_run_resumes_to_the_same_losses(reference, tmp_path, kill_at, phase_dir):
+    """SIGKILL as iteration `kill_at` starts, then the same command again."""
+    save = tmp_path / "run"
+    env = dict(os.environ, NEMO_TST_KILL_AT=str(kill_at))
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.run(pretrain_cmd(save, reference["argv"]), stdout=log,
+                              stderr=subprocess.STDOUT, env=env)
+    killed_text = (tmp_path / "killed.log").read_text()
+    assert proc.returncode != 0 and "Rerun the same command" in killed_text
+    latest = (save / phase_dir / "latest_checkpointed_iteration.txt").read_text().strip()
+    last_saved = (kill_at - 1) // SAVE_INTERVAL * SAVE_INTERVAL
+    assert int(latest) == last_saved
+
+    log, _ = run_pretrain(save, reference["argv"])
+    # Every iteration the rerun trained, and the final losses, equal the uninterrupted run's.
+    ref = reference["log"]
+    resumed = sorted(log.train)
+    assert resumed[0] == last_saved + 1 and resumed[-1] == N
+    assert [log.loss(it) for it in resumed] == pytest.approx([ref.loss(it) for it in resumed], rel=1e-6)
+    assert log.valid[N] == ref.valid[N]
+
+
+VANILLA_LOGITS = r'''
+import os, sys, json, torch, torch.distributed as dist
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[3])
+dist.init_process_group("gloo", rank=0, world_size=1)
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+parallel_state.initialize_model_parallel(1, 1)
+vocab = int(sys.argv[2])
+config = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
+    normalization="RMSNorm", gated_linear_unit=True, activation_func=torch.nn.functional.silu,
+    add_bias_linear=False, use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0,
+    bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
+    persist_layer_norm=False, gradient_accumulation_fusion=False)
+model = GPTModel(config, get_gpt_layer_local_spec(normalization="RMSNorm"), vocab, 32,
+    position_embedding_type="rope", share_embeddings_and_output_weights=False)
+sharded = model.sharded_state_dict(metadata={"dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)})
+loaded = dist_checkpointing.load({"model": sharded}, sys.argv[1])
+model.load_state_dict(loaded["model"], strict=True)
+ids = torch.arange(64).remainder(vocab).view(2, 32)
+mask = torch.triu(torch.ones(1, 1, 32, 32, dtype=torch.bool), diagonal=1)
+with torch.no_grad():
+    logits = model(ids, torch.arange(32).expand(2, 32), mask)
+torch.save({"logits": logits, "tst_modules": sorted(m for m in sys.modules if m.startswith("nemo_tst"))}, sys.argv[4])
+'''
+
+
+def test_final_checkpoint_loads_into_vanilla_gpt(reference, data, tmp_path):
+    """No TST code on the path: megatron-core's GPTModel loads the last checkpoint and gives the
+    logits the trained TST model gives."""
+    from tests.distributed import free_port
+
+    ckpt = reference["save"] / "phase2" / f"iter_{N:07d}"
+    script = tmp_path / "vanilla.py"
+    script.write_text(VANILLA_LOGITS)
+    out = tmp_path / "vanilla.pt"
+    proc = subprocess.run(
+        [sys.executable, str(script), str(ckpt), str(reference_vocab(reference)), str(free_port()), str(out)],
+        capture_output=True, text=True, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=""),
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    import torch
+
+    vanilla = torch.load(out)
+    assert vanilla["tst_modules"] == []
+
+    tst_logits = _tst_model_logits(ckpt, reference_vocab(reference))
+    assert torch.equal(vanilla["logits"], tst_logits)
+
+
+def reference_vocab(reference) -> int:
+    """The padded vocabulary Megatron built the model with (from its argument dump)."""
+    m = re.search(r"padded_vocab_size \.+ (\d+)", reference["text"])
+    return int(m.group(1))
+
+
+def _tst_model_logits(ckpt: Path, vocab: int):
+    """The trained model as the trainer holds it: a TSTGPTModel in phase 2, same checkpoint."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer import TransformerConfig
+
+    from nemo_tst import TSTGPTModel
+    from tests.distributed import free_port, init_megatron_parallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    init_megatron_parallel()
+    config = TransformerConfig(
+        num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
+        normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu,
+        add_bias_linear=False, use_cpu_initialization=True, hidden_dropout=0.0,
+        attention_dropout=0.0, bias_dropout_fusion=False, apply_rope_fusion=False,
+        masked_softmax_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
+    )
+    model = TSTGPTModel(config, get_gpt_layer_local_spec(normalization="RMSNorm"), vocab, 32,
+                        position_embedding_type="rope", share_embeddings_and_output_weights=False)
+    sharded = model.sharded_state_dict(
+        metadata={"dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
+    )
+    loaded = dist_checkpointing.load({"model": sharded}, str(ckpt))
+    model.load_state_dict(loaded["model"], strict=True)
+    ids = torch.arange(64).remainder(vocab).view(2, 32)
+    mask = torch.triu(torch.ones(1, 1, 32, 32, dtype=torch.bool), diagonal=1)
+    with torch.no_grad():
+        return model(ids, torch.arange(32).expand(2, 32), mask)
