@@ -76,7 +76,7 @@ def _is_dataset_built_on_rank(vp_stage=None):
     return (first or last) and parallel_state.get_tensor_model_parallel_rank() == 0
 
 
-def _gpt_dataset_config(args, sequence_length):
+def _gpt_dataset_config(args, sequence_length, tokenizer):
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
     from megatron.training.utils import get_blend_and_blend_per_split
 
@@ -88,7 +88,7 @@ def _gpt_dataset_config(args, sequence_length):
         blend_per_split=blend_per_split,
         split=args.split,
         path_to_cache=args.data_cache_path,
-        tokenizer=args.tst_tokenizer_obj,
+        tokenizer=tokenizer,
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=args.eod_mask_loss,
@@ -108,8 +108,10 @@ def _train_corpus_tokens(dataset) -> int:
     return total
 
 
-def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None):
-    """Training: `TSTTrainDataset` over items; validation/test: ordinary next-token data."""
+def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None, *, plan, tokenizer):
+    """Training: `TSTTrainDataset` over items; validation/test: ordinary next-token data.
+
+    Bind `plan` and `tokenizer` with functools.partial (see `main`)."""
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder,
     )
@@ -124,16 +126,15 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
     )
 
     args = get_args()
-    plan = args.tst_plan
     built_on_rank = partial(_is_dataset_built_on_rank, vp_stage=vp_stage)
     _, valid_n, test_n = train_val_test_num_samples
 
     items, _, _ = BlendedMegatronDatasetBuilder(
         GPTDataset, [items_needed(plan), None, None], built_on_rank,
-        _gpt_dataset_config(args, item_sequence_length(plan)),
+        _gpt_dataset_config(args, item_sequence_length(plan), tokenizer),
     ).build()
     _, valid, test = BlendedMegatronDatasetBuilder(
-        GPTDataset, [None, valid_n, test_n], built_on_rank, _gpt_dataset_config(args, args.seq_length)
+        GPTDataset, [None, valid_n, test_n], built_on_rank, _gpt_dataset_config(args, args.seq_length, tokenizer)
     ).build()
 
     train = None
@@ -146,9 +147,6 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
             f"{plan.seq_length + 1}-token pieces of the following items"
         )
     return train, valid, test
-
-
-train_valid_test_datasets_provider.is_distributed = True
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -173,17 +171,20 @@ def main(argv: list[str] | None = None) -> None:
             "nemo_tst.training.pretrain runs one phase: pass --tst-phase 1 or 2, or use "
             "`nemo-tst pretrain` to run both"
         )
-    args.tst_plan = plan_from_args(args)
+    plan = plan_from_args(args)
     if args.tst_tokenizer is None:
         raise ValueError("--tst-tokenizer (the tokenizer.json used to preprocess the data) is required")
-    args.tst_tokenizer_obj = HFTokenizer.from_file(args.tst_tokenizer)
-    args.tst_eod_id = args.tst_tokenizer_obj.eod
+    tokenizer = HFTokenizer.from_file(args.tst_tokenizer)
 
+    # The plan and tokenizer are bound here, not stored on Megatron's args: args are pickled
+    # into every checkpoint, and a checkpoint must load with plain Megatron (no nemo_tst).
+    datasets_provider = partial(train_valid_test_datasets_provider, plan=plan, tokenizer=tokenizer)
+    datasets_provider.is_distributed = True
     pretrain(
         pretrain_cfg_container_from_args(args),
-        train_valid_test_datasets_provider,
+        datasets_provider,
         ModelType.encoder_or_decoder,
-        forward_step,
+        partial(forward_step, plan=plan, eod_id=tokenizer.eod),
         model_provider,
     )
 

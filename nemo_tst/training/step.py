@@ -12,6 +12,7 @@ so the MoE router's aux-loss scaling, which assumes one router token per counted
 """
 
 from functools import partial
+from typing import Optional
 
 import torch
 
@@ -20,8 +21,8 @@ from megatron.core.utils import get_attr_wrapped_model
 from megatron.training import get_args
 
 from nemo_tst.training import faults
+from nemo_tst.training.arguments import TSTPlan
 from nemo_tst.superposition import (
-    SuperpositionConfig,
     make_superposition_batch,
     reduce_multi_hot_loss,
     set_superposition,
@@ -99,14 +100,10 @@ def phase2_loss_func(loss_mask, output_tensor):
     return loss, num_tokens, {"lm loss": torch.cat([loss.clone().detach().view(1), num_tokens.view(1).float()])}
 
 
-def _tst_config() -> SuperpositionConfig:
-    return get_args().tst_plan.superposition
-
-
 _last_logged_iteration = -1
 
 
-def _log_progress(args, model) -> None:
+def _log_progress(args, plan: TSTPlan, model) -> None:
     """One line per --log-interval from the rank that logs losses: phase, s, L, text tokens."""
     global _last_logged_iteration
     iteration = getattr(args, "curr_iteration", None)
@@ -119,7 +116,6 @@ def _log_progress(args, model) -> None:
     ):
         return
     _last_logged_iteration = iteration
-    plan = args.tst_plan
     phase = plan.phase_of_iteration(iteration)
     s = plan.superposition.bag_size if phase == 1 else 1
     print(
@@ -129,15 +125,19 @@ def _log_progress(args, model) -> None:
     )
 
 
-def forward_step(data_iterator, model):
-    """Megatron forward_step: (output, loss_func) for either phase."""
+def forward_step(data_iterator, model, *, plan: TSTPlan, eod_id: Optional[int]):
+    """Megatron forward_step: (output, loss_func) for either phase.
+
+    Bind `plan` and `eod_id` with functools.partial; they stay out of Megatron's args because
+    those are pickled into every checkpoint, which must load without nemo_tst installed.
+    """
     args = get_args()
     vp_stage = get_attr_wrapped_model(model, "vp_stage")
     if model.training and getattr(args, "curr_iteration", None) is not None:
         faults.maybe_kill(args.curr_iteration + 1)
     batch = get_batch(data_iterator, vp_stage)
-    config = _tst_config()
-    _log_progress(args, model)
+    config = plan.superposition
+    _log_progress(args, plan, model)
 
     phase1 = batch is not None and "text" in batch
     if batch is None:
@@ -148,7 +148,7 @@ def forward_step(data_iterator, model):
     if phase1:
         set_superposition(model, config)
         tst = make_superposition_batch(
-            batch["text"], config, loss_mask=batch["loss_mask"], eod_id=args.tst_eod_id
+            batch["text"], config, loss_mask=batch["loss_mask"], eod_id=eod_id
         )
         inputs = _slice_for_context_parallel(
             {"input_ids": tst.input_ids, "position_ids": tst.position_ids,
