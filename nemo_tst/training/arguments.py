@@ -131,6 +131,18 @@ def plan_from_args(args: argparse.Namespace) -> TSTPlan:
                 f"it must give between 1 and {N - 1}: raise --train-iters or change r"
             )
 
+    decay = args.lr_decay_iters or N
+    if args.lr_warmup_iters and args.lr_warmup_iters >= decay:
+        raise ValueError(
+            f"--lr-warmup-iters={args.lr_warmup_iters} must be smaller than the decay length "
+            f"({decay} iterations): the one LR schedule spans both phases"
+        )
+    wsd = getattr(args, "lr_wsd_decay_iters", None)
+    if args.lr_decay_style == "WSD" and wsd and wsd > N - n1:
+        raise ValueError(
+            f"--lr-wsd-decay-iters={wsd} would start the decay in phase 1; the paper decays over "
+            f"the last 10% of all steps: use at most {N - n1}"
+        )
     L = args.seq_length
     tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
     if args.sequence_parallel and L % tp:

@@ -143,6 +143,46 @@ def phase_commands(argv: list[str], args, plan: TSTPlan) -> list[tuple[int, list
     return commands
 
 
+def check_data_and_tokenizer(args) -> None:
+    """Inputs that would otherwise fail minutes later, inside every rank."""
+    if args.tst_tokenizer is None:
+        raise ValueError("--tst-tokenizer is required: the tokenizer.json the data was "
+                         "preprocessed with (nemo-tst preprocess writes one)")
+    if not Path(args.tst_tokenizer).is_file():
+        raise ValueError(f"--tst-tokenizer {args.tst_tokenizer} does not exist")
+    from nemo_tst.data.tokenizer import HFTokenizer
+
+    vocab = HFTokenizer.from_file(args.tst_tokenizer).vocab_size
+    model_vocab = args.padded_vocab_size or args.vocab_size
+    if model_vocab is not None and vocab > model_vocab:
+        raise ValueError(
+            f"the tokenizer has {vocab} tokens but the model's vocabulary is {model_vocab}: "
+            f"set --vocab-size {vocab} (or larger)"
+        )
+    prefixes = list(args.data_path or [])
+    for flag in ("train_data_path", "valid_data_path", "test_data_path"):
+        prefixes += list(getattr(args, flag, None) or [])
+    prefixes = [p for p in prefixes if not _is_number(p)]
+    if not prefixes and not args.mock_data:
+        raise ValueError("no data: give --data-path or --train-data-path/--valid-data-path "
+                         "(prefixes written by nemo-tst preprocess)")
+    for prefix in prefixes:
+        for suffix in (".bin", ".idx"):
+            if not Path(prefix + suffix).is_file():
+                raise ValueError(f"data prefix {prefix}: {prefix + suffix} does not exist; "
+                                 "run nemo-tst preprocess or fix the path")
+        if Path(prefix + ".bin").stat().st_size == 0:
+            raise ValueError(f"data prefix {prefix} is empty")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
 def _free_port() -> int:
     import socket
 
@@ -164,6 +204,8 @@ def run(argv: list[str], *, nproc: int = 1, log_file: Optional[Path] = None) -> 
     """Plan, validate, then run (or resume) the phases still to do, each via torchrun."""
     args = parse_megatron_args(argv)
     plan = plan_from_args(args)
+    if args.exit_interval:
+        raise ValueError("--exit-interval is set by nemo-tst to end phase 1; remove it")
     if not args.save:
         raise ValueError("--save is required: TST keeps phase 1 and phase 2 checkpoints under it")
     if args.load and Path(args.load) != Path(args.save):
@@ -171,9 +213,11 @@ def run(argv: list[str], *, nproc: int = 1, log_file: Optional[Path] = None) -> 
             "--load is managed by nemo-tst (phase 2 loads phase 1's checkpoint): pass only "
             "--save, and rerun the same command to resume"
         )
-    claim_run_directory(Path(args.save), args, plan)
+    check_data_and_tokenizer(args)
+    commands = phase_commands(argv, args, plan)  # validates the checkpoints on disk
+    claim_run_directory(Path(args.save), args, plan)  # the first write, after every check
     env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1", PYTHONUNBUFFERED="1")
-    for phase, extra in phase_commands(argv, args, plan):
+    for phase, extra in commands:
         cmd = launch_command(nproc, extra)
         first = plan.phase1_iters + 1 if phase == 2 else 1
         last = plan.train_iters if phase == 2 else plan.phase1_iters

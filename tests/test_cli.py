@@ -1,0 +1,144 @@
+"""The `nemo-tst` command: help, preprocess, and bad input refused before any work, with
+nothing on disk changed."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from nemo_tst.cli import main
+
+
+def test_help_and_unknown_command(capsys):
+    assert main(["--help"]) == 0
+    assert "nemo-tst pretrain" in capsys.readouterr().out
+    assert main(["train"]) == 2
+    assert "unknown command 'train'" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    docs = root / "docs"
+    docs.mkdir()
+    for i in range(6):
+        (docs / f"doc{i}.txt").write_text(f"document {i}: " + "the quick brown fox " * (20 + i))
+    prefix = root / "out" / "corpus"
+    assert main(["preprocess", "--input", str(docs), "--output-prefix", str(prefix),
+                 "--train-tokenizer", "--vocab-size", "300", "--held-out-fraction", "0.2"]) == 0
+    return {"prefix": prefix, "tokenizer": Path(f"{prefix}_tokenizer.json"), "root": root}
+
+
+def test_preprocess_writes_indexed_datasets_and_refuses_to_overwrite(small_data, capsys):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from nemo_tst.data import HFTokenizer
+
+    prefix = small_data["prefix"]
+    train = IndexedDataset(f"{prefix}_train")
+    valid = IndexedDataset(f"{prefix}_valid")
+    assert len(train) == 5 and len(valid) == 1
+    tok = HFTokenizer.from_file(small_data["tokenizer"])
+    texts = sorted(tok.detokenize(train[i][:-1].tolist()) for i in range(len(train)))
+    assert all(t.startswith("document ") for t in texts)
+    before = Path(f"{prefix}_train.bin").read_bytes()
+    assert main(["preprocess", "--input", str(small_data["root"] / "docs"), "--output-prefix",
+                 str(prefix), "--tokenizer", str(small_data["tokenizer"])]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert Path(f"{prefix}_train.bin").read_bytes() == before
+
+
+def pretrain_args(data, save, *extra):
+    return [
+        "pretrain", "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+        "--seq-length", "32", "--max-position-embeddings", "32", "--micro-batch-size", "2",
+        "--global-batch-size", "4", "--train-iters", "10", "--lr", "1e-3",
+        "--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "2", "--lr-warmup-iters", "1",
+        "--tokenizer-type", "NullTokenizer", "--vocab-size", "300",
+        "--train-data-path", f"{data['prefix']}_train", "--valid-data-path", f"{data['prefix']}_valid",
+        "--tst-tokenizer", str(data["tokenizer"]), "--tst-bag-size", "4", "--save", str(save),
+        *extra,
+    ]
+
+
+def tree(path: Path) -> dict:
+    return {str(p): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()} if path.exists() else {}
+
+
+# (extra arguments, or a callable preparing the save directory and returning them; the words
+# the message must contain). Each is refused before torchrun starts.
+BAD_INPUTS = {
+    "s below 1": (["--tst-bag-size", "0"], "bag_size (s) must be >= 1"),
+    "s not an integer": (["--tst-bag-size", "2.5"], "invalid int value"),
+    "r of 0": (["--tst-phase1-fraction", "0"], "--tst-phase1-fraction=0.0 must lie strictly between 0 and 1"),
+    "r above 1": (["--tst-phase1-fraction", "1.5"], "strictly between 0 and 1"),
+    "phase 1 of all steps": (["--tst-phase1-iters", "10"], "--tst-phase1-iters=10 must be between 1"),
+    "phase 1 rounding to 0 steps": (["--tst-phase1-fraction", "0.01"], "gives 0 phase-1 iterations"),
+    "L vs tp under SP": (["--tensor-model-parallel-size", "3", "--sequence-parallel",
+                          "--seq-length", "32"], "divisible by --tensor-model-parallel-size=3"),
+    "L vs 2cp": (["--context-parallel-size", "3"], "divisible by 2 x --context-parallel-size = 6"),
+    "warm-up past the schedule": (["--lr-warmup-iters", "10"], "--lr-warmup-iters=10 must be smaller"),
+    "decay inside phase 1": (["--lr-wsd-decay-iters", "9"], "would start the decay in phase 1"),
+    "tokenizer larger than model vocab": (["--vocab-size", "100"], "set --vocab-size"),
+    "data path missing": (["--train-data-path", "/nonexistent/corpus"], "does not exist"),
+    "tokenizer missing": (["--tst-tokenizer", "/nonexistent/tokenizer.json"], "does not exist"),
+    "explicit --load": (["--load", "/elsewhere"], "--load is managed by nemo-tst"),
+    "exit interval": (["--exit-interval", "5"], "--exit-interval is set by nemo-tst"),
+    "MTP in phase 1": (["--mtp-num-layers", "1"], "multi-token prediction"),
+}
+
+
+def different_run(save: Path, argv):
+    (save).mkdir(parents=True)
+    (save / "tst_run.json").write_text(json.dumps({"identity": {"hidden_size": 128}}))
+    return []
+
+
+def foreign_directory(save: Path, argv):
+    save.mkdir(parents=True)
+    (save / "notes.txt").write_text("someone else's files")
+    return []
+
+
+def phase2_without_phase1(save: Path, argv):
+    return ["--tst-phase", "2"]
+
+
+def checkpoint_past_the_end(save: Path, argv: list[str]):
+    """A genuine run directory of this plan whose phase 2 holds iteration 50 of 10."""
+    from nemo_tst.training.arguments import plan_from_args
+    from nemo_tst.training.driver import claim_run_directory, parse_megatron_args
+
+    args = parse_megatron_args(argv[1:])
+    claim_run_directory(save, args, plan_from_args(args))
+    (save / "phase2").mkdir(parents=True)
+    (save / "phase2" / "latest_checkpointed_iteration.txt").write_text("50")
+    return []
+
+
+PREPARED = {
+    "output directory holding a different run": (different_run, "holds a different TST run"),
+    "output directory that is not a TST run": (foreign_directory, "is not a TST run directory"),
+    "phase 2 with no phase-1 checkpoint": (phase2_without_phase1, "phase 2 needs phase 1's checkpoint"),
+    "checkpoint past the plan's end": (checkpoint_past_the_end, "past the plan's end"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS) + list(PREPARED))
+def test_bad_input_is_refused_before_any_work(small_data, tmp_path, capsys, case):
+    save = tmp_path / "run"
+    if case in BAD_INPUTS:
+        extra, words = BAD_INPUTS[case]
+    else:
+        prepare, words = PREPARED[case]
+        extra = prepare(save, pretrain_args(small_data, save))
+    before = tree(save)
+    try:
+        rc = main(pretrain_args(small_data, save, *extra))
+    except SystemExit as exit:  # argparse's own type errors
+        rc = exit.code
+    err = capsys.readouterr().err
+    assert rc not in (0, None), err
+    assert words in err, err
+    assert "[nemo-tst] phase" not in err  # nothing was launched
+    assert tree(save) == before  # nothing on disk changed
