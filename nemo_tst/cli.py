@@ -11,7 +11,12 @@ message naming the setting to fix.
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
+
+# megatron-core warns at import about optional CUDA extensions (Apex, Transformer Engine) and
+# experimental modules; none of it is actionable for a nemo-tst user.
+warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|absl|experimental).*")
 
 __all__ = ["main"]
 

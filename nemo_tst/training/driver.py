@@ -203,6 +203,15 @@ def launch_command(nproc: int, megatron_argv: list[str]) -> list[str]:
 def run(argv: list[str], *, nproc: int = 1, log_file: Optional[Path] = None) -> TSTPlan:
     """Plan, validate, then run (or resume) the phases still to do, each via torchrun."""
     args = parse_megatron_args(argv)
+    if args.tokenizer_type is None and args.tst_tokenizer and Path(args.tst_tokenizer).is_file():
+        # The data's tokenizer sizes the model: Megatron only needs the vocabulary size.
+        from nemo_tst.data.tokenizer import HFTokenizer
+
+        vocab = HFTokenizer.from_file(args.tst_tokenizer).vocab_size
+        argv = [*argv, "--tokenizer-type", "NullTokenizer"]
+        if args.vocab_size is None:
+            argv += ["--vocab-size", str(vocab)]
+        args = parse_megatron_args(argv)
     plan = plan_from_args(args)
     if args.exit_interval:
         raise ValueError("--exit-interval is set by nemo-tst to end phase 1; remove it")

@@ -109,7 +109,8 @@ def _train_corpus_tokens(dataset) -> int:
 
 
 def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None, *, plan, tokenizer):
-    """Training: `TSTTrainDataset` over items; validation/test: ordinary next-token data.
+    """Training: `TSTTrainDataset` over items; validation/test: ordinary next-token data,
+    validation fixed to the first eval_iters x global batch held-out samples.
 
     Bind `plan` and `tokenizer` with functools.partial (see `main`)."""
     from megatron.core.datasets.blended_megatron_dataset_builder import (
@@ -136,6 +137,12 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
     _, valid, test = BlendedMegatronDatasetBuilder(
         GPTDataset, [None, valid_n, test_n], built_on_rank, _gpt_dataset_config(args, args.seq_length, tokenizer)
     ).build()
+
+    if valid is not None:
+        # The same held-out samples at every evaluation (Megatron cycles the validation
+        # loader), so successive points of a curve, and the curves of two runs, compare.
+        fixed = min(len(valid), args.eval_iters * args.global_batch_size)
+        valid = torch.utils.data.Subset(valid, range(fixed))
 
     train = None
     if items is not None:
