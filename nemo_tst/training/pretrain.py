@@ -108,6 +108,27 @@ def _train_corpus_tokens(dataset) -> int:
     return total
 
 
+class SameSamplesEachEvaluation(torch.utils.data.Dataset):
+    """The first `per_evaluation` held-out samples, repeated to the length Megatron asked for.
+
+    Megatron's validation sampler starts at `consumed_valid_samples`, which grows by one
+    evaluation's worth each time (and survives resumes). Repeating one evaluation's samples
+    makes every evaluation read the same held-out text, so the points of a curve, and the
+    curves of two runs, compare.
+    """
+
+    def __init__(self, dataset, per_evaluation: int, length: int):
+        self.dataset = dataset
+        self.per_evaluation = min(per_evaluation, len(dataset))
+        self.length = max(length, self.per_evaluation)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int):
+        return self.dataset[index % self.per_evaluation]
+
+
 def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None, *, plan, tokenizer):
     """Training: `TSTTrainDataset` over items; validation/test: ordinary next-token data,
     validation fixed to the first eval_iters x global batch held-out samples.
@@ -139,10 +160,7 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
     ).build()
 
     if valid is not None:
-        # The same held-out samples at every evaluation (Megatron cycles the validation
-        # loader), so successive points of a curve, and the curves of two runs, compare.
-        fixed = min(len(valid), args.eval_iters * args.global_batch_size)
-        valid = torch.utils.data.Subset(valid, range(fixed))
+        valid = SameSamplesEachEvaluation(valid, args.eval_iters * args.global_batch_size, valid_n)
 
     train = None
     if items is not None:
