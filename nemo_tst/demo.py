@@ -21,19 +21,21 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["SIZES", "demo_main", "prepare_stdlib_data", "run_demo"]
+__all__ = ["demo_main", "load_sizes", "prepare_stdlib_data", "run_demo"]
 
-# Model and schedule per size. L = seq_length; equal for both runs.
-SIZES = {
-    "ci": dict(corpus_bytes=600_000, vocab=1024, layers=2, hidden=64, heads=4, ffn=172,
-               seq=64, mbs=4, gbs=8, iters=30, lr=3e-3, warmup=3, eval_interval=10, eval_iters=2),
-    "cpu": dict(corpus_bytes=None, vocab=4096, layers=4, hidden=128, heads=4, ffn=344,
-                seq=128, mbs=16, gbs=16, iters=360, lr=2e-3, warmup=20, eval_interval=40,
-                eval_iters=4),
-    "gpu": dict(corpus_bytes=None, vocab=8192, layers=12, hidden=768, heads=12, ffn=2048,
-                seq=512, mbs=32, gbs=32, iters=8000, lr=1e-3, warmup=500, eval_interval=250,
-                eval_iters=10),
-}
+CONF = Path(__file__).resolve().parents[1] / "conf" / "demo.yaml"
+
+
+def load_sizes(path: Path = CONF) -> dict:
+    """Model and schedule per demo size, from conf/demo.yaml (data, not code)."""
+    import yaml
+
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: the demo reads its sizes from the repository's conf/; run it "
+            "from a source checkout (scripts/demo.sh installs one in editable mode)"
+        )
+    return yaml.safe_load(path.read_text())
 
 
 def prepare_stdlib_data(out: Path, *, max_bytes, vocab_size: int, workers: int = 1) -> dict:
@@ -140,7 +142,7 @@ def run_demo(out: Path, *, size_name: str, bag_size: int, phase1_fraction: float
     from nemo_tst.training.driver import run
     from nemo_tst.training.logs import parse_training_log
 
-    size = SIZES[size_name]
+    size = load_sizes()[size_name]
     cpu = not torch.cuda.is_available()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -206,7 +208,7 @@ def demo_main(argv: list[str]) -> None:
 
     parser = argparse.ArgumentParser(prog="nemo-tst demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
-    parser.add_argument("--size", choices=["auto", *SIZES], default="auto",
+    parser.add_argument("--size", choices=["auto", *load_sizes()], default="auto",
                         help="auto: gpu when CUDA is available, else cpu")
     parser.add_argument("--bag-size", type=int, default=4, help="s of the TST run")
     parser.add_argument("--phase1-fraction", type=float, default=0.3, help="r of the TST run")

@@ -2,6 +2,7 @@
 
 import os
 import socket
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -14,10 +15,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _entry(rank, fn, world_size, port, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _entry(rank, fn, world_size, store_path, args):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    # A file store: no TCP port to pick, so no race with another process taking it.
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
     try:
         fn(rank, world_size, *args)
     finally:
@@ -27,9 +28,19 @@ def _entry(rank, fn, world_size, port, args):
 def run_on_ranks(fn, world_size: int = 2, *args) -> None:
     """Call fn(rank, world_size, *args) on `world_size` gloo ranks; a failing rank fails the test.
 
-    fn must be a module-level function (it is pickled into the spawned processes).
+    fn must be a module-level function (it is pickled into the spawned processes). A rank that
+    dies from a signal before reporting (seen once here: an abort while a spawned interpreter
+    started) is retried once; an exception raised by fn, e.g. a failed assertion, never is.
     """
-    mp.spawn(_entry, args=(fn, world_size, free_port(), args), nprocs=world_size, join=True)
+    for attempt in (1, 2):
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                mp.spawn(_entry, args=(fn, world_size, os.path.join(tmp, "store"), args),
+                         nprocs=world_size, join=True)
+                return
+            except mp.ProcessExitedException:
+                if attempt == 2:
+                    raise
 
 
 def init_megatron_parallel(tp: int = 1, pp: int = 1, ep: int = 1, seed: int = 1234) -> None:

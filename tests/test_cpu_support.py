@@ -4,25 +4,18 @@ Distributed cases run in spawned processes so the pytest process never joins a p
 """
 
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from nemo_tst import cpu
+from tests.distributed import run_on_ranks
 
 pytestmark = pytest.mark.skipif(
     torch.cuda.is_available(), reason="CPU support tests patch Megatron only when CUDA is absent"
 )
 
 VOCAB, SEQ, BATCH = 96, 16, 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _build_and_step(tp: int, ep: int, moe: bool, pp: int = 1) -> dict:
@@ -111,21 +104,14 @@ def _build_and_step(tp: int, ep: int, moe: bool, pp: int = 1) -> dict:
     return out
 
 
-def _worker(rank: int, world_size: int, port: int, cases: list, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank: int, world_size: int, cases: list, out_dir: str) -> None:
     assert cpu.enable_megatron_cpu(trainer=False)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        results = {case: _build_and_step(*case) for case in cases}
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        torch.distributed.destroy_process_group()
+    results = {case: _build_and_step(*case) for case in cases}
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def _spawn(world_size: int, cases: list, tmp_path) -> list[dict]:
-    mp.spawn(
-        _worker, args=(world_size, _free_port(), cases, str(tmp_path)), nprocs=world_size, join=True
-    )
+    run_on_ranks(_worker, world_size, cases, str(tmp_path))
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
 
 
