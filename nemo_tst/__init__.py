@@ -3,21 +3,14 @@
 Layers, each knowing only the one below it:
     nemo_tst.superposition   the TST math (torch + megatron.core)
     nemo_tst.training        glue to megatron.training's trainer
-    nemo_tst.recipes, cli    NeMo-Run recipes, launchers and the `nemo-tst` command
+    nemo_tst.demo, cli       the demo and the `nemo-tst` command
 `nemo_tst.cpu` runs Megatron on CPU (tests, CI, the CPU demo) and is opt-in.
+
+The public API below is imported on first use, so `nemo-tst --help` (and anything that only
+needs a submodule) does not pay for importing megatron.core.
 """
 
-from nemo_tst.superposition import (
-    SuperpositionBatch,
-    SuperpositionConfig,
-    SuperpositionEmbedding,
-    TSTGPTModel,
-    TSTHybridModel,
-    make_superposition_batch,
-    multi_hot_cross_entropy,
-    reduce_multi_hot_loss,
-    set_superposition,
-)
+import importlib
 
 __version__ = "0.1.0"
 
@@ -32,3 +25,13 @@ __all__ = [
     "reduce_multi_hot_loss",
     "set_superposition",
 ]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        return getattr(importlib.import_module("nemo_tst.superposition"), name)
+    raise AttributeError(f"module 'nemo_tst' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *__all__])

@@ -16,7 +16,7 @@ from pathlib import Path
 
 # megatron-core warns at import about optional CUDA extensions (Apex, Transformer Engine) and
 # experimental modules; none of it is actionable for a nemo-tst user.
-warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|absl|experimental).*")
+warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|transformer-engine|absl|experimental).*")
 
 __all__ = ["main"]
 

@@ -22,7 +22,8 @@ def small_data(tmp_path_factory):
     docs = root / "docs"
     docs.mkdir()
     for i in range(6):
-        (docs / f"doc{i}.txt").write_text(f"document {i}: " + "the quick brown fox " * (20 + i))
+        words = " ".join(f"w{(j * 7 + i) % 101}" for j in range(400 + 10 * i))
+        (docs / f"doc{i}.txt").write_text(f"document {i}: {words}")
     prefix = root / "out" / "corpus"
     assert main(["preprocess", "--input", str(docs), "--output-prefix", str(prefix),
                  "--train-tokenizer", "--vocab-size", "300", "--held-out-fraction", "0.2"]) == 0
@@ -85,6 +86,18 @@ BAD_INPUTS = {
     "explicit --load": (["--load", "/elsewhere"], "--load is managed by nemo-tst"),
     "exit interval": (["--exit-interval", "5"], "--exit-interval is set by nemo-tst"),
     "MTP in phase 1": (["--mtp-num-layers", "1"], "multi-token prediction"),
+    "experts not divisible by EP": (["--num-experts", "3", "--expert-model-parallel-size", "2",
+                                     "--nproc-per-node", "2"], "divisible by --expert-model-parallel-size 2"),
+    "EP larger than the ranks": (["--num-experts", "4", "--expert-model-parallel-size", "4",
+                                  "--nproc-per-node", "2"], "must divide the 2 ranks"),
+    "EP without experts": (["--expert-model-parallel-size", "2", "--nproc-per-node", "2"],
+                           "needs an MoE model"),
+    "ranks vs tp x pp": (["--tensor-model-parallel-size", "2", "--nproc-per-node", "3"],
+                         "not a multiple of tp x pp x cp"),
+    "global batch vs micro batch x dp": (["--global-batch-size", "3"], "must be a multiple of --micro-batch-size"),
+    "data smaller than one global batch": (["--global-batch-size", "512"], "fewer than one global batch"),
+    "corpus smaller than the plan, strict": (["--train-iters", "2000", "--tst-strict-data"],
+                                             "tokens will repeat"),
 }
 
 

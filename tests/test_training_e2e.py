@@ -128,28 +128,76 @@ def test_model_parallel_runs_match_world_size_1(reference, parallel, tmp_path):
     assert losses(log) == pytest.approx(losses(reference["log"]), rel=2e-5)
 
 
-@pytest.mark.parametrize("kill_at,phase_dir", [(N1, "phase1"), (7, "phase2")],
-                         ids=["phase1", "phase2"])
-def test_killed_run_resumes_to_the_same_losses(reference, tmp_path, kill_at, phase_dir):
-    """SIGKILL as iteration `kill_at` starts, then the same command again."""
+# (where the crash lands, the environment that injects it, the directory and iteration of the
+# last complete checkpoint it leaves)
+FAULTS = {
+    "early phase 1": ({"NEMO_TST_KILL_AT": "3"}, "phase1", 2),
+    "during phase 1's handoff save": ({"NEMO_TST_KILL_IN_SAVE_AT": str(N1)}, "phase1", 2),
+    "after phase 1, before phase 2's first step": ({"NEMO_TST_KILL_AT": str(N1 + 1)}, "phase1", N1),
+    "mid phase 2": ({"NEMO_TST_KILL_AT": "7"}, "phase2", 6),
+    "during the final save": ({"NEMO_TST_KILL_IN_SAVE_AT": str(N)}, "phase2", N - SAVE_INTERVAL),
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_killed_run_resumes_to_the_same_losses(reference, tmp_path, fault):
+    """SIGKILL at a chosen point, then the same command again: every remaining iteration, and
+    the final held-out loss, equal the uninterrupted run's."""
+    inject, phase_dir, last_saved = FAULTS[fault]
     save = tmp_path / "run"
-    env = dict(os.environ, NEMO_TST_KILL_AT=str(kill_at))
     with open(tmp_path / "killed.log", "w") as log:
         proc = subprocess.run(pretrain_cmd(save, reference["argv"]), stdout=log,
-                              stderr=subprocess.STDOUT, env=env)
+                              stderr=subprocess.STDOUT, env=dict(os.environ, **inject))
     killed_text = (tmp_path / "killed.log").read_text()
     assert proc.returncode != 0 and "Rerun the same command" in killed_text
     latest = (save / phase_dir / "latest_checkpointed_iteration.txt").read_text().strip()
-    last_saved = (kill_at - 1) // SAVE_INTERVAL * SAVE_INTERVAL
-    assert int(latest) == last_saved
+    assert int(latest) == last_saved  # a checkpoint cut short is never the latest
 
     log, _ = run_pretrain(save, reference["argv"])
-    # Every iteration the rerun trained, and the final losses, equal the uninterrupted run's.
     ref = reference["log"]
     resumed = sorted(log.train)
     assert resumed[0] == last_saved + 1 and resumed[-1] == N
     assert [log.loss(it) for it in resumed] == pytest.approx([ref.loss(it) for it in resumed], rel=1e-6)
     assert log.valid[N] == ref.valid[N]
+    # The handoff checkpoint survives every fault.
+    assert (save / "phase1" / "latest_checkpointed_iteration.txt").read_text().strip() == str(N1)
+
+
+def test_sigterm_saves_and_the_next_phase_waits_for_a_finished_one(reference, tmp_path):
+    """SIGTERM with Megatron's --exit-signal-handler: a checkpoint at that iteration, exit 0
+    from the trainer, and the driver refuses to call the phase finished."""
+    save = tmp_path / "run"
+    argv = reference["argv"] + ["--exit-signal-handler"]
+    env = dict(os.environ, NEMO_TST_KILL_AT="5", NEMO_TST_KILL_SIGNAL="TERM")
+    with open(tmp_path / "terminated.log", "w") as log:
+        proc = subprocess.run(pretrain_cmd(save, argv), stdout=log, stderr=subprocess.STDOUT, env=env)
+    text = (tmp_path / "terminated.log").read_text()
+    assert proc.returncode != 0 and "phase 2 stopped at iteration 5 before its end (10)" in text
+    assert (save / "phase2" / "latest_checkpointed_iteration.txt").read_text().strip() == "5"
+
+    log, _ = run_pretrain(save, argv)
+    ref = reference["log"]
+    assert sorted(log.train) == list(range(6, N + 1))
+    assert [log.loss(it) for it in range(6, N + 1)] == pytest.approx([ref.loss(it) for it in range(6, N + 1)], rel=1e-6)
+    assert log.valid[N] == ref.valid[N]
+
+
+def test_non_finite_loss_stops_naming_step_and_phase_and_keeps_the_last_good_checkpoint(reference, tmp_path):
+    save = tmp_path / "run"
+    argv = reference["argv"] + ["--lr", "1e4", "--clip-grad", "0"]  # diverges within a few steps
+    with open(tmp_path / "nan.log", "w") as log:
+        proc = subprocess.run(pretrain_cmd(save, argv), stdout=log, stderr=subprocess.STDOUT)
+    text = (tmp_path / "nan.log").read_text()
+    assert proc.returncode != 0
+    m = re.search(r"iteration (\d+): Unexpected result .*non-finite TST phase-(\d) loss", text)
+    assert m, text[-3000:]
+    bad_iteration, phase = int(m.group(1)), int(m.group(2))
+    assert phase == (1 if bad_iteration <= N1 else 2)
+    # Every complete checkpoint precedes the bad step: nothing non-finite was saved.
+    for phase_dir in ("phase1", "phase2"):
+        tracker = save / phase_dir / "latest_checkpointed_iteration.txt"
+        if tracker.exists():
+            assert int(tracker.read_text()) < bad_iteration
 
 
 VANILLA_LOGITS = r'''

@@ -19,6 +19,7 @@ checkpoint is a resume, not a fine-tune: nothing is reset, and the one LR schedu
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import asdict
@@ -143,7 +144,38 @@ def phase_commands(argv: list[str], args, plan: TSTPlan) -> list[tuple[int, list
     return commands
 
 
-def check_data_and_tokenizer(args) -> None:
+def check_parallel_layout(args, nproc: int) -> None:
+    """Parallel sizes that cannot tile `nproc` ranks, refused before torchrun starts."""
+    tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
+    ep = args.expert_model_parallel_size
+    etp = args.expert_tensor_parallel_size or tp
+    if nproc % (tp * pp * cp):
+        raise ValueError(
+            f"--nproc-per-node {nproc} is not a multiple of tp x pp x cp = {tp}x{pp}x{cp}; "
+            "change the parallel sizes or the process count"
+        )
+    dp = nproc // (tp * pp * cp)
+    if args.global_batch_size % (args.micro_batch_size * dp):
+        raise ValueError(
+            f"--global-batch-size {args.global_batch_size} must be a multiple of "
+            f"--micro-batch-size x data-parallel size = {args.micro_batch_size}x{dp}"
+        )
+    if args.num_experts:
+        if args.num_experts % ep:
+            raise ValueError(
+                f"--num-experts {args.num_experts} must be divisible by "
+                f"--expert-model-parallel-size {ep}"
+            )
+        if (nproc // pp) % (ep * etp):
+            raise ValueError(
+                f"expert parallel x expert tensor parallel = {ep}x{etp} must divide the "
+                f"{nproc // pp} ranks of a pipeline stage; change --expert-model-parallel-size"
+            )
+    elif ep > 1:
+        raise ValueError("--expert-model-parallel-size > 1 needs an MoE model (--num-experts)")
+
+
+def check_data_and_tokenizer(args, plan: TSTPlan) -> None:
     """Inputs that would otherwise fail minutes later, inside every rank."""
     if args.tst_tokenizer is None:
         raise ValueError("--tst-tokenizer is required: the tokenizer.json the data was "
@@ -159,20 +191,43 @@ def check_data_and_tokenizer(args) -> None:
             f"the tokenizer has {vocab} tokens but the model's vocabulary is {model_vocab}: "
             f"set --vocab-size {vocab} (or larger)"
         )
-    prefixes = list(args.data_path or [])
-    for flag in ("train_data_path", "valid_data_path", "test_data_path"):
-        prefixes += list(getattr(args, flag, None) or [])
-    prefixes = [p for p in prefixes if not _is_number(p)]
-    if not prefixes and not args.mock_data:
-        raise ValueError("no data: give --data-path or --train-data-path/--valid-data-path "
-                         "(prefixes written by nemo-tst preprocess)")
-    for prefix in prefixes:
+    train = [p for p in (args.train_data_path or args.data_path or []) if not _is_number(p)]
+    others = [p for p in (args.valid_data_path or []) + (args.test_data_path or []) if not _is_number(p)]
+    if not train:
+        raise ValueError("no training data: give --train-data-path (or --data-path), the "
+                         "prefixes written by nemo-tst preprocess")
+    for prefix in train + others:
         for suffix in (".bin", ".idx"):
             if not Path(prefix + suffix).is_file():
                 raise ValueError(f"data prefix {prefix}: {prefix + suffix} does not exist; "
                                  "run nemo-tst preprocess or fix the path")
-        if Path(prefix + ".bin").stat().st_size == 0:
-            raise ValueError(f"data prefix {prefix} is empty")
+
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from nemo_tst.training.data import check_corpus_budget, item_sequence_length
+
+    tokens = 0
+    for prefix in train:
+        index = IndexedDataset(prefix)  # keep it alive: its arrays view a mapping it closes
+        tokens += int(index.sequence_lengths.sum())
+        del index
+    one_batch = plan.global_batch_size * (item_sequence_length(plan) + 1)
+    if tokens < one_batch:
+        raise ValueError(
+            f"the training data holds {tokens:,} tokens, fewer than one global batch of the plan "
+            f"({one_batch:,}: --global-batch-size x the phase-1 sample); add data or shrink "
+            "--global-batch-size / --seq-length"
+        )
+    check_corpus_budget(plan, tokens, strict=args.tst_strict_data)
+
+
+def _last_error(log_file: Optional[Path]) -> str:
+    """': <the last exception line of the trainer>' from the log, if there is one."""
+    if log_file is None or not log_file.is_file():
+        return ""
+    errors = [ln for ln in log_file.read_text(errors="replace").splitlines()
+              if re.search(r"\b\w*(Error|Exception): ", ln) and "ChildFailedError" not in ln]
+    return f": {errors[-1].split('] ', 1)[-1].strip()}" if errors else ""
 
 
 def _is_number(text: str) -> bool:
@@ -222,7 +277,8 @@ def run(argv: list[str], *, nproc: int = 1, log_file: Optional[Path] = None) -> 
             "--load is managed by nemo-tst (phase 2 loads phase 1's checkpoint): pass only "
             "--save, and rerun the same command to resume"
         )
-    check_data_and_tokenizer(args)
+    check_parallel_layout(args, nproc)
+    check_data_and_tokenizer(args, plan)
     commands = phase_commands(argv, args, plan)  # validates the checkpoints on disk
     claim_run_directory(Path(args.save), args, plan)  # the first write, after every check
     env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1", PYTHONUNBUFFERED="1")
@@ -240,10 +296,18 @@ def run(argv: list[str], *, nproc: int = 1, log_file: Optional[Path] = None) -> 
                 log.write(f"[nemo-tst] {' '.join(cmd)}\n")
                 log.flush()
                 rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        see_log = f"; see {log_file}" if log_file else ""
         if rc != 0:
             raise RuntimeError(
-                f"phase {phase} exited with status {rc}"
-                + (f"; see {log_file}" if log_file else "")
-                + ". Rerun the same command to resume from the latest checkpoint"
+                f"phase {phase} exited with status {rc}{_last_error(log_file)}{see_log}. Rerun "
+                "the same command to resume from the latest checkpoint"
+            )
+        # Megatron also exits 0 when asked to stop early (SIGTERM with --exit-signal-handler,
+        # --exit-duration-in-mins): the next phase starts only from a finished one.
+        reached = latest_iteration(Path(args.save) / f"phase{phase}")
+        if reached != last:
+            raise RuntimeError(
+                f"phase {phase} stopped at iteration {reached} before its end ({last}){see_log}; "
+                "nothing was lost: rerun the same command to resume"
             )
     return plan

@@ -1,5 +1,8 @@
 """Deterministic crash injection for the fault tests (and for anyone rehearsing a preemption).
 
+`NEMO_TST_KILL_IN_SAVE_AT=<iteration>` kills the process in the middle of that iteration's
+checkpoint save (see `install_save_fault`).
+
 `NEMO_TST_KILL_AT=<iteration>` makes the training process send itself SIGKILL as it starts that
 iteration (1-based, counted over the whole run), `NEMO_TST_KILL_SIGNAL=TERM` sends SIGTERM
 instead. Unset (always, outside tests), this is one environment lookup per step. A real
@@ -10,7 +13,7 @@ finish with the uninterrupted run's losses" testable without racing a fast CPU l
 import os
 import signal
 
-__all__ = ["maybe_kill"]
+__all__ = ["install_save_fault", "maybe_kill"]
 
 
 def maybe_kill(iteration: int) -> None:
@@ -20,3 +23,29 @@ def maybe_kill(iteration: int) -> None:
         return
     sig = signal.SIGTERM if os.environ.get("NEMO_TST_KILL_SIGNAL") == "TERM" else signal.SIGKILL
     os.kill(os.getpid(), sig)
+
+
+def install_save_fault() -> None:
+    """`NEMO_TST_KILL_IN_SAVE_AT=<iteration>`: SIGKILL once that iteration's checkpoint files
+    are written but before Megatron records the checkpoint as the latest, i.e. a save cut short.
+
+    Wraps `megatron.core.dist_checkpointing.save` (Megatron's save_checkpoint looks it up at
+    call time and writes `latest_checkpointed_iteration.txt` after it returns). Call before
+    training; without the variable nothing is wrapped.
+    """
+    at = os.environ.get("NEMO_TST_KILL_IN_SAVE_AT")
+    if at is None:
+        return
+    from megatron.core import dist_checkpointing
+
+    original = dist_checkpointing.save
+    marker = f"iter_{int(at):07d}"
+
+    def save_then_die(sharded_state_dict, checkpoint_dir, *args, **kwargs):
+        result = original(sharded_state_dict, checkpoint_dir, *args, **kwargs)
+        if str(checkpoint_dir).rstrip("/").endswith(marker):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+
+    save_then_die.__wrapped__ = original
+    dist_checkpointing.save = save_then_die

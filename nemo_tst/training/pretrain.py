@@ -97,17 +97,6 @@ def _gpt_dataset_config(args, sequence_length, tokenizer):
     )
 
 
-def _train_corpus_tokens(dataset) -> int:
-    """Tokens in the training split of the (possibly blended) dataset."""
-    parts = getattr(dataset, "datasets", None) or [dataset]
-    total = 0
-    for part in parts:
-        indices = part.indices if hasattr(part, "indices") else None
-        lengths = part.dataset.sequence_lengths
-        total += int(lengths[indices].sum()) if indices is not None else int(lengths.sum())
-    return total
-
-
 class SameSamplesEachEvaluation(torch.utils.data.Dataset):
     """The first `per_evaluation` held-out samples, repeated to the length Megatron asked for.
 
@@ -140,12 +129,7 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
     from megatron.core.datasets.gpt_dataset import GPTDataset
     from megatron.training import get_args, print_rank_0
 
-    from nemo_tst.training.data import (
-        TSTTrainDataset,
-        check_corpus_budget,
-        item_sequence_length,
-        items_needed,
-    )
+    from nemo_tst.training.data import TSTTrainDataset, item_sequence_length, items_needed
 
     args = get_args()
     built_on_rank = partial(_is_dataset_built_on_rank, vp_stage=vp_stage)
@@ -163,8 +147,7 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
         valid = SameSamplesEachEvaluation(valid, args.eval_iters * args.global_batch_size, valid_n)
 
     train = None
-    if items is not None:
-        check_corpus_budget(plan, _train_corpus_tokens(items), strict=args.tst_strict_data)
+    if items is not None:  # the corpus budget was checked by the driver, before launch
         train = TSTTrainDataset(items, plan)
         print_rank_0(
             f"> TST data: phase 1 = samples [0, {plan.phase1_samples}) of "
@@ -186,6 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     from megatron.training.arguments import parse_and_validate_args
 
     from nemo_tst.data.tokenizer import HFTokenizer
+    from nemo_tst.training import faults
     from nemo_tst.training.arguments import add_tst_arguments, plan_from_args
     from nemo_tst.training.step import forward_step
 
@@ -200,6 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.tst_tokenizer is None:
         raise ValueError("--tst-tokenizer (the tokenizer.json used to preprocess the data) is required")
     tokenizer = HFTokenizer.from_file(args.tst_tokenizer)
+    faults.install_save_fault()
 
     # The plan and tokenizer are bound here, not stored on Megatron's args: args are pickled
     # into every checkpoint, and a checkpoint must load with plain Megatron (no nemo_tst).

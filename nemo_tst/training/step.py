@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.rerun_state_machine import get_rerun_state_machine
 from megatron.core.utils import get_attr_wrapped_model
 from megatron.training import get_args
 
@@ -78,9 +79,25 @@ def _slice_for_context_parallel(tensors: dict) -> dict:
     return out
 
 
+def _check_finite(loss, phase: int) -> None:
+    """Megatron's own NaN/Inf check (as pretrain_gpt does), naming the phase; it raises with
+    the iteration, before the optimizer step, so the last checkpoint stays the last good one."""
+    if not get_args().check_for_nan_in_loss_and_grad:
+        return
+    get_rerun_state_machine().validate_result(
+        result=loss,
+        rejection_func=lambda x: not torch.isfinite(x).all(),
+        message=f"non-finite TST phase-{phase} loss; lower the LR or check the data, then "
+        "rerun the same command to resume from the last checkpoint",
+        tolerance=0.0,
+        fatal=True,
+    )
+
+
 def phase1_loss_func(target_mask, target_weights, output_tensor):
     """output_tensor: per-target CE [b, L, k] -> (loss sum, latent positions, report)."""
     loss_sum, positions = reduce_multi_hot_loss(output_tensor, target_mask, target_weights)
+    _check_finite(loss_sum, 1)
     report = {"tst loss": torch.stack([loss_sum.detach(), positions.float()])}
     # Per target offset (t+1 .. t+k): how well each next-bag token is predicted.
     if output_tensor.size(-1) > 1:
@@ -96,6 +113,7 @@ def phase2_loss_func(loss_mask, output_tensor):
     losses = output_tensor.view(-1).float()
     mask = loss_mask.view(-1).float()
     loss = torch.sum(losses * mask)
+    _check_finite(loss, 2)
     num_tokens = mask.sum().clone().detach().to(torch.int)
     return loss, num_tokens, {"lm loss": torch.cat([loss.clone().detach().view(1), num_tokens.view(1).float()])}
 
