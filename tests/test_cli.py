@@ -86,6 +86,8 @@ BAD_INPUTS = {
     "explicit --load": (["--load", "/elsewhere"], "--load is managed by nemo-tst"),
     "exit interval": (["--exit-interval", "5"], "--exit-interval is set by nemo-tst"),
     "MTP in phase 1": (["--mtp-num-layers", "1"], "multi-token prediction"),
+    "FP8 token count": (["--fp8-format", "hybrid", "--micro-batch-size", "1", "--seq-length", "40",
+                         "--max-position-embeddings", "40"], "to be a multiple of 16"),
     "experts not divisible by EP": (["--num-experts", "3", "--expert-model-parallel-size", "2",
                                      "--nproc-per-node", "2"], "divisible by --expert-model-parallel-size 2"),
     "EP larger than the ranks": (["--num-experts", "4", "--expert-model-parallel-size", "4",

@@ -155,6 +155,19 @@ def plan_from_args(args: argparse.Namespace) -> TSTPlan:
             f"--seq-length={L} must be divisible by 2 x --context-parallel-size = {2 * cp}: "
             "context parallel splits the latent positions into 2*cp chunks so no bag is cut"
         )
+    if getattr(args, "fp8", None):
+        # Transformer Engine's FP8 GEMMs need the tokens of a micro-batch on a rank to be a
+        # multiple of 16 (32 for MXFP8); in phase 1 those are latent positions, as in phase 2.
+        multiple = 32 if getattr(args, "fp8_recipe", None) == "mxfp8" else 16
+        split = cp * (tp if args.sequence_parallel else 1)
+        tokens = L // split * args.micro_batch_size
+        if L % split or tokens % multiple:
+            raise ValueError(
+                f"FP8 ({args.fp8}, recipe {getattr(args, 'fp8_recipe', None)}) needs the "
+                f"{tokens} tokens of a micro-batch per rank (--seq-length {L} / {split} x "
+                f"--micro-batch-size {args.micro_batch_size}) to be a multiple of {multiple}: "
+                "pick --seq-length or --micro-batch-size accordingly"
+            )
     if getattr(args, "mtp_num_layers", None) and superposition.bag_size > 1:
         raise ValueError(
             "multi-token prediction (--mtp-num-layers) cannot run in the superposition phase; "

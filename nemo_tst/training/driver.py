@@ -22,6 +22,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
@@ -221,13 +222,39 @@ def check_data_and_tokenizer(args, plan: TSTPlan) -> None:
     check_corpus_budget(plan, tokens, strict=args.tst_strict_data)
 
 
-def _last_error(log_file: Optional[Path]) -> str:
-    """': <the last exception line of the trainer>' from the log, if there is one."""
-    if log_file is None or not log_file.is_file():
-        return ""
-    errors = [ln for ln in log_file.read_text(errors="replace").splitlines()
-              if re.search(r"\b\w*(Error|Exception): ", ln) and "ChildFailedError" not in ln]
-    return f": {errors[-1].split('] ', 1)[-1].strip()}" if errors else ""
+def _run_and_tee(cmd: list[str], env: dict, sink) -> tuple[int, list[str]]:
+    """Run the phase, copying its output to `sink`; returns the exit status and the lines
+    that say why it stopped (Megatron's logged errors and raised exceptions).
+
+    The copy runs in a thread and the exit status is what is waited for: a helper process the
+    trainer left behind (a checkpoint writer orphaned by a crash) may hold the pipe open."""
+    reasons = []
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, errors="replace", bufsize=1)
+
+    def copy():
+        for line in proc.stdout:
+            sink.write(line)
+            if line.startswith("ERROR:megatron") or (
+                re.search(r"\b\w*(Error|Exception): ", line) and "ChildFailedError" not in line
+            ):
+                reasons.append(line.strip())
+
+    copier = threading.Thread(target=copy, daemon=True)
+    copier.start()
+    rc = proc.wait()
+    copier.join(timeout=10)
+    sink.flush()
+    return rc, reasons
+
+
+def _why(reasons: list[str]) -> str:
+    """': <why the trainer stopped>': Megatron's first logged error (e.g. the rerun state
+    machine's non-finite loss report), else the last exception line."""
+    logged = [r.split(":", 2)[-1].strip() for r in reasons if r.startswith("ERROR:megatron")]
+    if logged:
+        return f": {logged[0]}"
+    return f": {reasons[-1].split('] ', 1)[-1]}" if reasons else ""
 
 
 def _is_number(text: str) -> bool:
@@ -290,17 +317,16 @@ def run(argv: list[str], *, nproc: int = 1, log_file: Optional[Path] = None) -> 
               + (f", log: {log_file}" if log_file else ""), flush=True)
         if log_file is None:
             print(f"[nemo-tst] {' '.join(cmd)}", flush=True)
-            rc = subprocess.run(cmd, env=env).returncode
+            rc, reasons = _run_and_tee(cmd, env, sys.stdout)
         else:
             with open(log_file, "a") as log:
                 log.write(f"[nemo-tst] {' '.join(cmd)}\n")
-                log.flush()
-                rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+                rc, reasons = _run_and_tee(cmd, env, log)
         see_log = f"; see {log_file}" if log_file else ""
         if rc != 0:
             raise RuntimeError(
-                f"phase {phase} exited with status {rc}{_last_error(log_file)}{see_log}. Rerun "
-                "the same command to resume from the latest checkpoint"
+                f"phase {phase} exited with status {rc}{_why(reasons)}{see_log}. Rerun the same "
+                "command to resume from the latest checkpoint"
             )
         # Megatron also exits 0 when asked to stop early (SIGTERM with --exit-signal-handler,
         # --exit-duration-in-mins): the next phase starts only from a finished one.

@@ -87,8 +87,9 @@ def _check_finite(loss, phase: int) -> None:
     get_rerun_state_machine().validate_result(
         result=loss,
         rejection_func=lambda x: not torch.isfinite(x).all(),
-        message=f"non-finite TST phase-{phase} loss; lower the LR or check the data, then "
-        "rerun the same command to resume from the last checkpoint",
+        message=f"non-finite TST phase-{phase} loss at iteration {get_args().curr_iteration + 1}; "
+        "lower the LR or check the data, then rerun the same command to resume from the last "
+        "checkpoint",
         tolerance=0.0,
         fatal=True,
     )
@@ -173,6 +174,7 @@ def forward_step(data_iterator, model, *, plan: TSTPlan, eod_id: Optional[int]):
              "targets": tst.targets, "target_mask": tst.target_mask}
         )
         output = model(inputs["input_ids"], inputs["position_ids"], None, labels=inputs["targets"])
+        output = faults.maybe_poison(output, args.curr_iteration + 1) if model.training else output
         weights = torch.tensor(config.weights(), device=inputs["target_mask"].device)
         return output, partial(phase1_loss_func, inputs["target_mask"], weights)
 
@@ -181,4 +183,5 @@ def forward_step(data_iterator, model, *, plan: TSTPlan, eod_id: Optional[int]):
         {k: batch[k] for k in ("tokens", "labels", "loss_mask", "position_ids")}
     )
     output = model(inputs["tokens"], inputs["position_ids"], None, labels=inputs["labels"])
+    output = faults.maybe_poison(output, args.curr_iteration + 1) if model.training else output
     return output, partial(phase2_loss_func, inputs["loss_mask"])
