@@ -69,7 +69,7 @@ def tree(path: Path) -> dict:
 # (extra arguments, or a callable preparing the save directory and returning them; the words
 # the message must contain). Each is refused before torchrun starts.
 BAD_INPUTS = {
-    "s below 1": (["--tst-bag-size", "0"], "bag_size (s) must be >= 1"),
+    "s below 1": (["--tst-bag-size", "0"], "--tst-bag-size / --tst-target-weights: bag_size (s) must be >= 1"),
     "s not an integer": (["--tst-bag-size", "2.5"], "invalid int value"),
     "r of 0": (["--tst-phase1-fraction", "0"], "--tst-phase1-fraction=0.0 must lie strictly between 0 and 1"),
     "r above 1": (["--tst-phase1-fraction", "1.5"], "strictly between 0 and 1"),

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from nemo_tst.data.corpus import DEFAULT_EXTENSIONS, iter_texts
 from nemo_tst.data.preprocess import preprocess
-from nemo_tst.data.tokenizer import HFTokenizer, train_bpe
+from nemo_tst.data.tokenizer import train_bpe
 
 __all__ = ["preprocess_main"]
 

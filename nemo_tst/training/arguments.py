@@ -93,13 +93,16 @@ def plan_from_args(args: argparse.Namespace) -> TSTPlan:
     """
     if args.tst_bag_size is None:
         raise ValueError("--tst-bag-size is required (s, e.g. 4; s=1 is ordinary training)")
-    superposition = SuperpositionConfig(
-        bag_size=args.tst_bag_size,
-        mode=args.tst_mode,
-        weighting=args.tst_weighting,
-        target_weights=args.tst_target_weights,
-        mask_cross_document_targets=args.tst_mask_cross_document_targets,
-    )
+    try:
+        superposition = SuperpositionConfig(
+            bag_size=args.tst_bag_size,
+            mode=args.tst_mode,
+            weighting=args.tst_weighting,
+            target_weights=args.tst_target_weights,
+            mask_cross_document_targets=args.tst_mask_cross_document_targets,
+        )
+    except ValueError as err:
+        raise ValueError(f"--tst-bag-size / --tst-target-weights: {err}") from None
     if not args.train_iters:
         raise ValueError(
             "TST plans in iterations: set --train-iters (sample-based --train-samples is not "

@@ -10,7 +10,6 @@ Both phases get the same Megatron arguments (`--train-iters` = N, one LR schedul
 adds `--exit-interval n1`, on which Megatron saves a checkpoint and exits.
 """
 
-import os
 import sys
 from functools import partial
 
