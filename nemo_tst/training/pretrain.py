@@ -68,11 +68,14 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
 
 
 def _is_dataset_built_on_rank(vp_stage=None):
+    """Where get_batch reads data: TP rank 0 of the first and last pipeline stages."""
     from megatron.core import parallel_state
+    from megatron.training.utils import is_first_or_last_pipeline_stage
 
-    first = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
-    last = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-    return (first or last) and parallel_state.get_tensor_model_parallel_rank() == 0
+    return (
+        is_first_or_last_pipeline_stage(vp_stage)
+        and parallel_state.get_tensor_model_parallel_rank() == 0
+    )
 
 
 def _gpt_dataset_config(args, sequence_length, tokenizer):

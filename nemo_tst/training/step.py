@@ -20,6 +20,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.rerun_state_machine import get_rerun_state_machine
 from megatron.core.utils import get_attr_wrapped_model
 from megatron.training import get_args
+from megatron.training.utils import is_first_or_last_pipeline_stage
 
 from nemo_tst.training import faults
 from nemo_tst.training.arguments import TSTPlan
@@ -30,12 +31,6 @@ from nemo_tst.superposition import (
 )
 
 __all__ = ["forward_step", "phase1_loss_func", "phase2_loss_func", "get_batch"]
-
-
-def _is_first_or_last_stage(vp_stage) -> bool:
-    return parallel_state.is_pipeline_first_stage(
-        ignore_virtual=False, vp_stage=vp_stage
-    ) or parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
 
 
 def _broadcast_over_tp(batch: dict | None) -> dict:
@@ -55,7 +50,7 @@ def _broadcast_over_tp(batch: dict | None) -> dict:
 
 def get_batch(data_iterator, vp_stage=None):
     """The micro-batch on this rank, or None on stages that take no data."""
-    if not _is_first_or_last_stage(vp_stage):
+    if not is_first_or_last_pipeline_stage(vp_stage):
         return None
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     batch = next(data_iterator) if tp_rank == 0 and data_iterator is not None else None
