@@ -4,6 +4,12 @@
     nemo-tst preprocess --input PATH [PATH ...] --output-prefix PREFIX (--tokenizer tokenizer.json
                         | --train-tokenizer --vocab-size V) [--workers W] [--held-out-fraction F]
     nemo-tst demo [--out DIR] [--bag-size 4] [--phase1-fraction 0.3] [--size ci|cpu|gpu]
+    nemo-tst plan RECIPE [--gpus G] [--precision P] [section.field=value ...] [--json]
+                  [--corpus-tokens T] [--tokens-per-gpu-second X | --mfu M --peak-tflops F]
+    nemo-tst recipes                 the recipes in conf/recipes and the precision presets
+    nemo-tst run --factory RECIPE[(gpus=G, precision=P)] [recipe.section.field=value ...]
+                 [run.executor=local|slurm|docker executor.FIELD=value ...] [--dryrun] [--yes]
+                 NeMo-Run: phase 1 then phase 2 as a two-stage experiment
 
 Every command validates its input before doing expensive work and exits non-zero with a
 message naming the setting to fix.
@@ -55,7 +61,66 @@ def _demo(rest: list[str]) -> None:
     demo_main(rest)
 
 
-COMMANDS = {"pretrain": _pretrain, "preprocess": _preprocess, "demo": _demo}
+def _plan(rest: list[str]) -> None:
+    from nemo_tst.recipes import format_plan, load_recipe, plan_report, recipe_names
+
+    parser = argparse.ArgumentParser(
+        prog="nemo-tst plan",
+        description="Steps, text tokens and FLOPs per phase, the equal-FLOPs baseline, the data "
+        "budget and estimated GPU-hours of a recipe, after validating it.",
+    )
+    parser.add_argument("recipe", help=f"one of {recipe_names()}")
+    parser.add_argument("overrides", nargs="*", help="section.field=value, e.g. tst.bag_size=8")
+    parser.add_argument("--gpus", type=int, default=None, help="which parallel preset (1, 8, 64)")
+    parser.add_argument("--precision", default="bf16", help="a preset of conf/precision.yaml")
+    parser.add_argument("--corpus-tokens", type=lambda text: int(float(text)), default=None,
+                        help="unique training tokens available (default: counted from "
+                             "data.prefix when it exists here)")
+    parser.add_argument("--tokens-per-gpu-second", type=float, default=None,
+                        help="measured throughput (positions/s per GPU) for the estimate")
+    parser.add_argument("--mfu", type=float, default=0.4, help="model-FLOP utilisation, if no throughput")
+    parser.add_argument("--peak-tflops", type=float, default=989.0,
+                        help="per-GPU peak (H100 bf16 dense: 989)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    opts = parser.parse_args(rest)
+    recipe = load_recipe(opts.recipe, gpus=opts.gpus, precision=opts.precision,
+                         overrides=opts.overrides)
+    report = plan_report(recipe, corpus_tokens=opts.corpus_tokens,
+                         tokens_per_gpu_second=opts.tokens_per_gpu_second, mfu=opts.mfu,
+                         peak_tflops=opts.peak_tflops)
+    if opts.json:
+        import json
+
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_plan(report))
+
+
+def _recipes(rest: list[str]) -> None:
+    from nemo_tst.recipes import load_recipe, precision_names, recipe_names
+    from nemo_tst.recipes.catalog import default_gpus
+
+    for name in recipe_names():
+        recipe = load_recipe(name)
+        total, active = recipe.model.parameters()
+        print(f"{name:22} {total / 1e9:7.2f}B ({active / 1e9:.2f}B active)  s={recipe.tst.bag_size}  "
+              f"N={recipe.training.train_iters}  default gpus={default_gpus(name)}")
+    print(f"precision presets: {', '.join(precision_names())}")
+
+
+def _run(rest: list[str]) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("nemo_run") is None:
+        raise RuntimeError("nemo-tst run needs NeMo-Run: pip install 'nemo-tst[nemo]' "
+                           "(nemo-run 0.11.1 with leptonai 0.27.3)")
+    from nemo_tst.recipes.experiment import main as run_main
+
+    run_main(rest)
+
+
+COMMANDS = {"pretrain": _pretrain, "preprocess": _preprocess, "demo": _demo, "plan": _plan,
+            "recipes": _recipes, "run": _run}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -134,6 +134,7 @@ from typing import Any, Callable, Optional
 import torch
 
 __all__ = [
+    "TRAINER_CPU_ARGS",
     "causal_attention_mask",
     "disable_megatron_cpu",
     "enable_megatron_cpu",
@@ -142,6 +143,15 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# The Megatron-LM arguments a CPU run needs (see TRAINER LEVEL above); `--tst-cpu` makes each
+# rank call enable_megatron_cpu() before Megatron builds anything.
+TRAINER_CPU_ARGS = (
+    "--tst-cpu", "--distributed-backend", "gloo", "--transformer-impl", "local",
+    "--use-cpu-initialization", "--no-persist-layer-norm", "--no-gradient-accumulation-fusion",
+    "--no-masked-softmax-fusion", "--no-bias-gelu-fusion", "--no-bias-dropout-fusion",
+    "--no-rope-fusion",
+)
 
 # ---------------------------------------------------------------------------------------------
 # The CPU view of `torch`: what a patched Megatron module sees as its global name `torch`.

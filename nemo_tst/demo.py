@@ -91,12 +91,9 @@ def megatron_args(size: dict, data: dict, *, cpu: bool) -> list[str]:
         "--num-workers", 0,
     ]
     if cpu:
-        args += [
-            "--tst-cpu", "--distributed-backend", "gloo", "--transformer-impl", "local",
-            "--use-cpu-initialization", "--no-persist-layer-norm",
-            "--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion",
-            "--no-bias-gelu-fusion", "--no-bias-dropout-fusion", "--no-rope-fusion",
-        ]
+        from nemo_tst.cpu import TRAINER_CPU_ARGS
+
+        args += TRAINER_CPU_ARGS
     else:
         args += ["--bf16", "--transformer-impl", "local", "--use-distributed-optimizer"]
     return [str(a) for a in args]

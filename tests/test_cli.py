@@ -1,6 +1,7 @@
 """The `nemo-tst` command: help, preprocess, and bad input refused before any work, with
 nothing on disk changed."""
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def pretrain_args(data, save, *extra):
         "--tokenizer-type", "NullTokenizer", "--vocab-size", "300",
         "--train-data-path", f"{data['prefix']}_train", "--valid-data-path", f"{data['prefix']}_valid",
         "--tst-tokenizer", str(data["tokenizer"]), "--tst-bag-size", "4", "--save", str(save),
-        *extra,
+        "--transformer-impl", "local", *extra,
     ]
 
 
@@ -100,6 +101,31 @@ BAD_INPUTS = {
     "data smaller than one global batch": (["--global-batch-size", "512"], "fewer than one global batch"),
     "corpus smaller than the plan, strict": (["--train-iters", "2000", "--tst-strict-data"],
                                              "tokens will repeat"),
+    "MXFP8 on a GPU older than Blackwell": (["--fp8-format", "e4m3", "--fp8-recipe", "mxfp8"],
+                                            "--fp8-recipe mxfp8 needs a Blackwell GPU"),
+}
+if importlib.util.find_spec("transformer_engine") is None:
+    BAD_INPUTS |= {
+        "FP8 without Transformer Engine": (["--fp8-format", "hybrid"],
+                                           "--fp8-format hybrid needs Transformer Engine"),
+        "TE layers without Transformer Engine": (["--transformer-impl", "transformer_engine"],
+                                                 "--transformer-impl transformer_engine needs "
+                                                 "Transformer Engine"),
+    }
+
+# Whole commands other than `pretrain` (recipes: `nemo-tst plan` and `nemo-tst run`).
+OTHER_COMMANDS = {
+    "unknown recipe name (plan)": (["plan", "tst_llama4"], "unknown recipe 'tst_llama4'"),
+    "unknown recipe name (run)": (["run", "--factory", "tst_llama4", "--dryrun"],
+                                  "unknown recipe 'tst_llama4' for --factory"),
+    "unknown override key (plan)": (["plan", "tst_tiny", "model.num_layerz=3"],
+                                    "unknown override key 'model.num_layerz'; model has:"),
+    "unknown override key (run)": (["run", "--factory", "tst_tiny", "recipe.tst.bag_sise=4", "--dryrun"],
+                                   "unknown override key 'tst.bag_sise'; tst has:"),
+    "recipe preset that does not fit (MoE on 1 GPU)": (["plan", "tst_qwen3_10b_a1b", "--gpus", "1"],
+                                                       "One GPU cannot hold 10B parameters"),
+    "recipe precision that does not exist": (["plan", "tst_tiny", "--precision", "fp4"],
+                                             "unknown precision 'fp4'"),
 }
 
 
@@ -139,17 +165,21 @@ PREPARED = {
 }
 
 
-@pytest.mark.parametrize("case", list(BAD_INPUTS) + list(PREPARED))
-def test_bad_input_is_refused_before_any_work(small_data, tmp_path, capsys, case):
+@pytest.mark.parametrize("case", list(BAD_INPUTS) + list(PREPARED) + list(OTHER_COMMANDS))
+def test_bad_input_is_refused_before_any_work(small_data, tmp_path, capsys, case, monkeypatch):
+    monkeypatch.setenv("NEMORUN_HOME", str(tmp_path / "nemo_run"))
     save = tmp_path / "run"
     if case in BAD_INPUTS:
         extra, words = BAD_INPUTS[case]
-    else:
+        argv = pretrain_args(small_data, save, *extra)
+    elif case in PREPARED:
         prepare, words = PREPARED[case]
-        extra = prepare(save, pretrain_args(small_data, save))
+        argv = pretrain_args(small_data, save, *prepare(save, pretrain_args(small_data, save)))
+    else:
+        argv, words = OTHER_COMMANDS[case]
     before = tree(save)
     try:
-        rc = main(pretrain_args(small_data, save, *extra))
+        rc = main(argv)
     except SystemExit as exit:  # argparse's own type errors
         rc = exit.code
     err = capsys.readouterr().err

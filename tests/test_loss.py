@@ -72,6 +72,42 @@ def test_does_not_mutate_logits():
     assert torch.equal(logits.detach(), before)
 
 
+class _PeakLiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Peak bytes held by the tensors that ops create while active (each storage once)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        import weakref
+
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and not getattr(t, "_tracked", False):
+                size = t.untyped_storage().nbytes()
+                self.live += size
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(t.untyped_storage(), self._free, size)
+                t._tracked = True
+        return out
+
+    def _free(self, size):
+        self.live -= size
+
+
+def test_forward_peak_memory_is_one_fp32_copy_of_the_logits():
+    """bf16 logits: the forward holds one fp32 [*, V/tp] tensor at a time (the shifted copy,
+    turned into the softmax in place), like one ordinary CE; not an extra upcast copy."""
+    L, b, V, k = 8, 2, 8192, 16
+    logits = torch.randn(L, b, V).to(torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, V, (L, b, k))
+    with _PeakLiveBytes() as tracked:
+        multi_hot_cross_entropy(logits, targets, check_targets=False)
+    one_fp32_copy = L * b * V * 4
+    assert tracked.peak < 1.05 * one_fp32_copy, tracked.peak / one_fp32_copy
+
+
 def test_saved_for_backward_bytes_do_not_grow_with_k():
     """One fp32 softmax of the shard is saved, whatever k; only the [L, b, k] ids grow."""
     L, b, V = 16, 4, 4096

@@ -1,13 +1,12 @@
 """TSTGPTModel: phase-1 wiring against a hand-built reference, TP=2, MoE EP=2, vanilla reload."""
 
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from tests.distributed import free_port, init_megatron_parallel, run_on_ranks
+from tests.distributed import init_megatron_parallel, run_on_ranks
 
 VOCAB, HIDDEN, L, BATCH = 96, 32, 8, 2
 
@@ -93,15 +92,6 @@ def phase1_loss(model, cfg, batch):
         per_target, batch.target_mask, torch.tensor(cfg.weights())
     )
     return total / positions
-
-
-@pytest.fixture(scope="module")
-def single_rank():
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    init_megatron_parallel()
-    yield
 
 
 @pytest.mark.parametrize("s", [2, 4])

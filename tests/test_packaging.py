@@ -20,7 +20,22 @@ def test_dockerfile_base_image_is_a_build_argument_and_installs_this_package():
         for src in sources:
             assert (ROOT / src).exists(), f"Dockerfile copies {src}, which the repository lacks"
     assert 'RUN pip install --no-cache-dir -e ".[plot]"' in instructions  # the package's own install
-    assert instructions[-2] == 'ENTRYPOINT ["nemo-tst"]'
+    assert instructions[-2] == 'ENTRYPOINT ["nemo-tst-entrypoint"]'
+    assert "COPY docker/entrypoint.sh /usr/local/bin/nemo-tst-entrypoint" in instructions
+
+
+def test_entrypoint_runs_the_cli_or_the_command_given(tmp_path):
+    """`docker run IMAGE plan ...` is the CLI; `torchrun ...` (NeMo-Run's executors) runs as is."""
+    entrypoint = ROOT / "docker" / "entrypoint.sh"
+    fake = tmp_path / "nemo-tst"
+    fake.write_text("#!/bin/sh\necho cli \"$@\"\n")
+    fake.chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin"}
+    run = lambda *a: subprocess.run(["bash", str(entrypoint), *a], capture_output=True, text=True,  # noqa: E731
+                                    env=env).stdout.strip()
+    assert run("plan", "tst_tiny") == "cli plan tst_tiny"
+    assert run() == "cli"
+    assert run("echo", "torchrun", "-m", "x") == "torchrun -m x"
 
 
 def test_recipe_script_parses_and_names_missing_settings():
@@ -28,6 +43,14 @@ def test_recipe_script_parses_and_names_missing_settings():
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     proc = subprocess.run(["bash", str(script)], capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
     assert proc.returncode != 0 and "set DATA" in proc.stderr
+
+
+def test_slurm_script_parses_and_names_missing_settings():
+    script = ROOT / "recipes" / "slurm_tst.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    proc = subprocess.run(["bash", str(script)], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "RECIPE": "tst_tiny"})
+    assert proc.returncode != 0 and "set ACCOUNT" in proc.stderr
 
 
 def test_demo_sizes_come_from_conf():

@@ -296,3 +296,13 @@ def _tst_model_logits(ckpt: Path, vocab: int):
     mask = torch.triu(torch.ones(1, 1, 32, 32, dtype=torch.bool), diagonal=1)
     with torch.no_grad():
         return model(ids, torch.arange(32).expand(2, 32), mask)
+
+
+def test_weighted_blend_of_corpora_trains_both_phases(data, tmp_path):
+    """`--train-data-path W1 A W2 B` (Megatron's weighted blend) through both phases."""
+    argv = tiny_args(data)
+    i = argv.index("--train-data-path")
+    argv[i:i + 2] = ["--train-data-path", "0.7", data["train_prefix"], "0.3", data["valid_prefix"]]
+    log, _ = run_pretrain(tmp_path / "run", argv)
+    assert sorted(log.train) == list(range(1, N + 1))
+    assert {log.phase[it] for it in log.train} == {1, 2}

@@ -53,10 +53,12 @@ class _MultiHotVocabParallelCrossEntropy(torch.autograd.Function):
             logits.size(-1), rank, world_size
         )
 
-        # Shifted fp32 copy of the shard; never written back into `logits`.
-        logits_max = logits.float().amax(dim=-1)
+        # Shifted fp32 copy of the shard; never written back into `logits`. One fp32 copy at
+        # a time: the max of bf16 values is exact, so it is taken before the upcast.
+        logits_max = logits.amax(dim=-1).float()
         _all_reduce(logits_max, dist.ReduceOp.MAX, tp_group)
-        shifted = logits.float() - logits_max.unsqueeze(-1)  # [*, V/tp], a new tensor
+        shifted = logits.to(torch.float32, copy=True)  # [*, V/tp]
+        shifted.sub_(logits_max.unsqueeze(-1))
 
         # The k target logits: gathered where the id lives on this shard, 0 elsewhere, summed
         # over the TP group.

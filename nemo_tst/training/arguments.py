@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from nemo_tst.superposition.config import MODES, WEIGHTINGS, SuperpositionConfig
 
-__all__ = ["PHASES", "TSTPlan", "add_tst_arguments", "plan_from_args"]
+__all__ = ["PHASES", "TSTPlan", "add_tst_arguments", "check_runtime", "plan_from_args"]
 
 PHASES = ("both", "1", "2")
 
@@ -41,6 +41,14 @@ def add_tst_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                        help="Mask targets in a later document than the bag's last token.")
     group.add_argument("--tst-phase", choices=PHASES, default="both",
                        help="Run both phases, or only phase 1 / phase 2 (chained jobs).")
+    group.add_argument("--tst-phase1-checkpoint", type=str, default=None,
+                       help="Phase 2 only: phase 1's checkpoint directory, loaded when --load "
+                            "holds no checkpoint yet (set by nemo-tst; lets a scheduler submit "
+                            "both phases up front).")
+    group.add_argument("--tst-attention", choices=("sdpa", "unfused"), default="sdpa",
+                       help="Core attention without Transformer Engine (--transformer-impl "
+                            "local): PyTorch scaled_dot_product_attention, or Megatron's "
+                            "unfused softmax path.")
     group.add_argument("--tst-strict-data", action="store_true",
                        help="Fail instead of warning when the corpus is smaller than the plan.")
     group.add_argument("--tst-tokenizer", type=str, default=None,
@@ -183,3 +191,29 @@ def plan_from_args(args: argparse.Namespace) -> TSTPlan:
         train_iters=N,
         phase1_iters=n1,
     )
+
+
+def check_runtime(args: argparse.Namespace) -> None:
+    """What this machine must provide for the arguments: Transformer Engine for FP8 and the TE
+    layer implementation, a Blackwell GPU for MXFP8. Run where the job runs, before launch."""
+    import importlib.util
+
+    import torch
+
+    if args.fp8 and getattr(args, "fp8_recipe", None) == "mxfp8":
+        capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+        if capability is None or capability[0] < 10:
+            found = f"compute capability {capability[0]}.{capability[1]}" if capability else "no GPU"
+            raise ValueError(
+                f"--fp8-recipe mxfp8 needs a Blackwell GPU (compute capability 10.x, e.g. B200), "
+                f"found {found}: use --fp8-recipe delayed or tensorwise on Hopper "
+                "(recipes: precision=fp8_delayed or fp8_current)"
+            )
+    wants_te = args.transformer_impl == "transformer_engine"
+    if (args.fp8 or wants_te) and importlib.util.find_spec("transformer_engine") is None:
+        asked = (f"--fp8-format {args.fp8}" if args.fp8 else "--transformer-impl transformer_engine")
+        raise ValueError(
+            f"{asked} needs Transformer Engine, which is not installed here: run in NVIDIA's "
+            "NeMo or PyTorch container (docker/), install nemo-tst[te], or use bf16 with "
+            "--transformer-impl local (recipes: precision=bf16 transformer_impl=local)"
+        )

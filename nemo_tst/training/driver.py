@@ -27,9 +27,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
-from nemo_tst.training.arguments import TSTPlan, add_tst_arguments, plan_from_args
+from nemo_tst.training.arguments import TSTPlan, add_tst_arguments, check_runtime, plan_from_args
 
-__all__ = ["latest_iteration", "parse_megatron_args", "phase_commands", "run"]
+__all__ = [
+    "count_tokens", "latest_iteration", "parse_megatron_args", "phase_argv", "phase_commands",
+    "resolve_phase_start", "run",
+]
 
 TRACKER = "latest_checkpointed_iteration.txt"
 
@@ -113,7 +116,6 @@ def phase_commands(argv: list[str], args, plan: TSTPlan) -> list[tuple[int, list
     """[(phase, extra Megatron argv)] still to run, judged from the checkpoints on disk."""
     save = Path(args.save)
     p1_dir, p2_dir = save / "phase1", save / "phase2"
-    base = _without(argv, "--save", "--load", "--tst-phase", "--exit-interval")
     N, n1 = plan.train_iters, plan.phase1_iters
     p1_done, p2_done = latest_iteration(p1_dir), latest_iteration(p2_dir)
     for where, it in ((p1_dir, p1_done), (p2_dir, p2_done)):
@@ -131,18 +133,62 @@ def phase_commands(argv: list[str], args, plan: TSTPlan) -> list[tuple[int, list
     wanted = {"both": (1, 2), "1": (1,), "2": (2,)}[args.tst_phase]
     commands = []
     if 1 in wanted and p2_done is None and (p1_done or 0) < n1:
-        commands.append((1, base + ["--tst-phase", "1", "--save", str(p1_dir), "--load",
-                                    str(p1_dir), "--exit-interval", str(n1)]))
+        commands.append((1, phase_argv(argv, 1, save, n1)))
     if 2 in wanted and (p2_done or 0) < N:
-        load = p2_dir if p2_done is not None else p1_dir
         if 1 not in wanted and p2_done is None and p1_done != n1:
             raise ValueError(
                 f"phase 2 needs phase 1's checkpoint of iteration {n1} in {p1_dir}, found "
                 f"{'none' if p1_done is None else f'iteration {p1_done}'}; run phase 1 first "
                 "(--tst-phase 1) or both (--tst-phase both)"
             )
-        commands.append((2, base + ["--tst-phase", "2", "--save", str(p2_dir), "--load", str(load)]))
+        commands.append((2, phase_argv(argv, 2, save, n1)))
     return commands
+
+
+def phase_argv(argv: list[str], phase: int, save: Path, phase1_iters: int) -> list[str]:
+    """The per-rank arguments of one phase (`python -m nemo_tst.training.pretrain ...`): the
+    run's arguments with --save/--load/--tst-phase/--exit-interval set for the phase.
+
+    Phase 1 saves to and resumes from SAVE/phase1 and exits at n1. Phase 2 saves to
+    SAVE/phase2 and resumes from it; the first time (nothing there yet) each rank starts
+    from SAVE/phase1 instead (`--tst-phase1-checkpoint`, see `resolve_phase_start`). The
+    arguments do not depend on what is on disk, so a scheduler can submit both phases at once.
+    """
+    p1_dir, p2_dir = save / "phase1", save / "phase2"
+    base = _without(argv, "--save", "--load", "--tst-phase", "--exit-interval", "--tst-phase1-checkpoint")
+    if phase == 1:
+        return base + ["--tst-phase", "1", "--save", str(p1_dir), "--load", str(p1_dir),
+                       "--exit-interval", str(phase1_iters)]
+    return base + ["--tst-phase", "2", "--save", str(p2_dir), "--load", str(p2_dir),
+                   "--tst-phase1-checkpoint", str(p1_dir)]
+
+
+def resolve_phase_start(args, plan: TSTPlan) -> Optional[str]:
+    """On each rank, before Megatron loads: where this phase starts, or why it has nothing to do.
+
+    Sets `args.load` to SAVE/phase1 for phase 2's first start. Returns a message (and the rank
+    should exit 0) when the phase is already complete; raises ValueError when phase 2 has
+    neither its own checkpoint nor phase 1's final one."""
+    n1, N = plan.phase1_iters, plan.train_iters
+    if args.tst_phase == "1":
+        done = latest_iteration(Path(args.load)) if args.load else None
+        if done is not None and done >= n1:
+            return f"phase 1 is complete (iteration {done} in {args.load}); nothing to do"
+        return None
+    handoff = getattr(args, "tst_phase1_checkpoint", None)
+    own = latest_iteration(Path(args.load)) if args.load else None
+    if own is not None:
+        return f"phase 2 is complete (iteration {own} in {args.load}); nothing to do" if own >= N else None
+    if handoff is None:
+        return None  # the caller passed --load itself (nemo-tst pretrain does this)
+    got = latest_iteration(Path(handoff))
+    if got != n1:
+        raise ValueError(
+            f"phase 2 starts from phase 1's checkpoint of iteration {n1} in {handoff}, found "
+            f"{'none' if got is None else f'iteration {got}'}: run phase 1 to its end first"
+        )
+    args.load = handoff
+    return None
 
 
 def check_parallel_layout(args, nproc: int) -> None:
@@ -203,15 +249,9 @@ def check_data_and_tokenizer(args, plan: TSTPlan) -> None:
                 raise ValueError(f"data prefix {prefix}: {prefix + suffix} does not exist; "
                                  "run nemo-tst preprocess or fix the path")
 
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
     from nemo_tst.training.data import check_corpus_budget, item_sequence_length
 
-    tokens = 0
-    for prefix in train:
-        index = IndexedDataset(prefix)  # keep it alive: its arrays view a mapping it closes
-        tokens += int(index.sequence_lengths.sum())
-        del index
+    tokens = count_tokens(train)
     one_batch = plan.global_batch_size * (item_sequence_length(plan) + 1)
     if tokens < one_batch:
         raise ValueError(
@@ -220,6 +260,18 @@ def check_data_and_tokenizer(args, plan: TSTPlan) -> None:
             "--global-batch-size / --seq-length"
         )
     check_corpus_budget(plan, tokens, strict=args.tst_strict_data)
+
+
+def count_tokens(prefixes: list[str]) -> int:
+    """Tokens in Megatron indexed datasets (PREFIX.bin/.idx)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    tokens = 0
+    for prefix in prefixes:
+        index = IndexedDataset(prefix)  # keep it alive: its arrays view a mapping it closes
+        tokens += int(index.sequence_lengths.sum())
+        del index
+    return tokens
 
 
 def _run_and_tee(cmd: list[str], env: dict, sink) -> tuple[int, list[str]]:
@@ -307,6 +359,7 @@ def run(argv: list[str], *, nproc: int = 1, log_file: Optional[Path] = None) -> 
     check_parallel_layout(args, nproc)
     check_data_and_tokenizer(args, plan)
     commands = phase_commands(argv, args, plan)  # validates the checkpoints on disk
+    check_runtime(args)
     claim_run_directory(Path(args.save), args, plan)  # the first write, after every check
     env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1", PYTHONUNBUFFERED="1")
     for phase, extra in commands:

@@ -36,17 +36,25 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
     from megatron.training import get_args
     from megatron.training.argument_utils import core_transformer_config_from_args
 
+    from nemo_tst.attention import get_gpt_decoder_block_sdpa_spec, get_gpt_layer_sdpa_spec
     from nemo_tst.superposition import TSTGPTModel
 
     args = get_args()
     config = config if config is not None else core_transformer_config_from_args(args)
     use_te = args.transformer_impl == "transformer_engine"
-    if args.num_experts:
+    # With --transformer-impl local, core attention is torch SDPA (nemo_tst.attention) unless
+    # --tst-attention unfused asks for Megatron's DotProductAttention (for comparison).
+    sdpa = args.transformer_impl == "local" and getattr(args, "tst_attention", "sdpa") == "sdpa"
+    if args.num_experts and sdpa:
+        spec = get_gpt_decoder_block_sdpa_spec(config, normalization=args.normalization, vp_stage=vp_stage)
+    elif args.num_experts:
         spec = get_gpt_decoder_block_spec(
             config, use_transformer_engine=use_te, normalization=args.normalization, vp_stage=vp_stage
         )
     elif use_te:
         spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=args.qk_layernorm)
+    elif sdpa:
+        spec = get_gpt_layer_sdpa_spec(qk_layernorm=args.qk_layernorm, normalization=args.normalization)
     else:
         spec = get_gpt_layer_local_spec(qk_layernorm=args.qk_layernorm, normalization=args.normalization)
     return TSTGPTModel(
@@ -137,12 +145,15 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
     built_on_rank = partial(_is_dataset_built_on_rank, vp_stage=vp_stage)
     _, valid_n, test_n = train_val_test_num_samples
 
+    # Two builds: training items are s*(L+1)-ish tokens long, held-out samples L+1. The split a
+    # build does not need is asked for 1 sample, not None: Megatron refuses a size of None for
+    # a weighted blend (`--data-path 0.3 A 0.7 B`).
     items, _, _ = BlendedMegatronDatasetBuilder(
-        GPTDataset, [items_needed(plan), None, None], built_on_rank,
+        GPTDataset, [items_needed(plan), 1, 1], built_on_rank,
         _gpt_dataset_config(args, item_sequence_length(plan), tokenizer),
     ).build()
     _, valid, test = BlendedMegatronDatasetBuilder(
-        GPTDataset, [None, valid_n, test_n], built_on_rank, _gpt_dataset_config(args, args.seq_length, tokenizer)
+        GPTDataset, [1, valid_n, test_n], built_on_rank, _gpt_dataset_config(args, args.seq_length, tokenizer)
     ).build()
 
     if valid is not None:
@@ -172,7 +183,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from nemo_tst.data.tokenizer import HFTokenizer
     from nemo_tst.training import faults
-    from nemo_tst.training.arguments import add_tst_arguments, plan_from_args
+    from nemo_tst.training.arguments import add_tst_arguments, check_runtime, plan_from_args
+    from nemo_tst.training.driver import resolve_phase_start
     from nemo_tst.training.step import forward_step
 
     sys.argv = [sys.argv[0]] + argv
@@ -183,6 +195,11 @@ def main(argv: list[str] | None = None) -> None:
             "`nemo-tst pretrain` to run both"
         )
     plan = plan_from_args(args)
+    check_runtime(args)
+    nothing_to_do = resolve_phase_start(args, plan)
+    if nothing_to_do:
+        print(f"[nemo-tst] {nothing_to_do}", flush=True)
+        return
     if args.tst_tokenizer is None:
         raise ValueError("--tst-tokenizer (the tokenizer.json used to preprocess the data) is required")
     tokenizer = HFTokenizer.from_file(args.tst_tokenizer)

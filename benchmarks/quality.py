@@ -1,0 +1,576 @@
+"""Quality at equal FLOPs through the real two-phase trainer: TST vs baselines of 1, 1.25, 1.5x.
+
+All runs share the model, L, global batch, data, optimizer and warm-up; each has its own WSD
+schedule spanning its own length (decay over its last 10%), as `nemo_tst.demo.megatron_args`
+builds it. Runs (N = --steps):
+
+    baseline        s = 1 for N steps             (FLOPs of N steps)
+    tst_s4          s = 4 for the first r*N steps, then next-token training (same FLOPs)
+    baseline_x1.25  s = 1 for 1.25 N steps        (25% more FLOPs)
+    baseline_x1.5   s = 1 for 1.5 N steps         (50% more FLOPs)
+    [tst_s2, tst_s8 with --extra-bag-sizes 2 8]
+
+Each goes through `nemo-tst pretrain` (= nemo_tst.training.driver.run, Megatron-LM's trainer,
+datasets and checkpoints) in its own process, several at once on one GPU (--concurrency): the
+small models used here leave the GPU idle between kernels, so concurrent runs share it well.
+
+Reported: the final held-out next-token loss of each run (the same held-out samples at every
+evaluation), TST minus the equal-FLOPs baseline (target <= -0.03 nats), and the iso-loss
+speedup: the baseline's final loss as a function of its length, f(N), f(1.25N), f(1.5N), is
+interpolated linearly between neighbouring lengths to find the steps n* with f(n*) = TST's
+final loss; speedup = n* / N (target >= 1.25). Beyond 1.5N it is extrapolated from the last
+two points (flagged); above f(N) it is reported as < 1.
+
+Data: the Python sources of this interpreter's standard library and every site-packages
+directory on sys.path (deduplicated by content; split train/held-out by a hash of the content),
+a byte-level BPE trained on a sample of the training files, Megatron indexed datasets.
+
+Budget: without --steps, the runs are first calibrated (a short baseline run per concurrent
+slot measures the milliseconds per iteration and the process start-up cost), then N is the
+largest multiple of 80 whose runs finish within --budget-minutes. The chosen N is kept in
+<work-dir>/plan_<size>.json, so a rerun resumes the same runs (finished runs are skipped;
+unfinished ones continue from their last checkpoint). Pass --steps N to fix it. With
+--prepare-only the script builds the data and calibrates, choosing N for a later call that gets
+the whole --budget-minutes for training (the device machine's 10-minute command limit: one call
+prepares, the next trains).
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import site
+import subprocess
+import sys
+import sysconfig
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+# Model and schedule presets (keys as conf/demo.yaml, read by nemo_tst.demo.megatron_args).
+SIZES = {
+    # The GPU default: small enough that 4 concurrent runs of ~8k steps fit in minutes.
+    "budget": dict(layers=6, hidden=384, heads=6, ffn=1024, seq=256, mbs=32, gbs=32, lr=1.5e-3,
+                   eval_iters=20, vocab=16384, corpus_bytes=None),
+    # The shape of shared/notes/measured-on-h100.md: ~114 ms/step, far beyond a 25-minute budget.
+    "note": dict(layers=12, hidden=768, heads=12, ffn=2048, seq=512, mbs=32, gbs=32, lr=1.0e-3,
+                 eval_iters=20, vocab=16384, corpus_bytes=None),
+    # CPU smoke test: checks the pipeline, not the method (40 steps cannot show TST's gain).
+    "cpu-smoke": dict(layers=2, hidden=64, heads=4, ffn=172, seq=64, mbs=8, gbs=8, lr=3.0e-3,
+                      eval_iters=2, vocab=1024, corpus_bytes=3_000_000, steps=40),
+}
+
+SKIP_DIRS = {"__pycache__", "site-packages", "dist-packages", "test", "tests", "idle_test"}
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+# ----- corpus and data -------------------------------------------------------------------------
+
+
+def corpus_roots() -> list[Path]:
+    """The standard library and every site-packages / dist-packages directory on sys.path."""
+    candidates = [sysconfig.get_paths()["stdlib"], *site.getsitepackages()]
+    candidates += [p for p in sys.path if p.rstrip("/").endswith(("site-packages", "dist-packages"))]
+    roots, seen = [], set()
+    for c in candidates:
+        real = os.path.realpath(c)
+        if os.path.isdir(real) and real not in seen:
+            seen.add(real)
+            roots.append(Path(real))
+    return roots
+
+
+def _unit(text: str) -> float:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64
+
+
+def collect_files(roots, *, valid_fraction: float, max_bytes) -> tuple[list, list, dict]:
+    """Non-empty UTF-8 *.py files, one copy per content, split by a hash of the content;
+    with max_bytes, a hash-ordered subset of that size (both splits in proportion)."""
+    files, seen = [], set()
+    for root in roots:
+        for directory, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("."))
+            for name in sorted(filenames):
+                if not name.endswith(".py"):
+                    continue
+                path = os.path.join(directory, name)
+                try:
+                    data = open(path, "rb").read()
+                    data.decode("utf-8")
+                except (OSError, UnicodeDecodeError):
+                    continue
+                digest = hashlib.sha1(data).hexdigest()
+                if data.strip() and digest not in seen:
+                    seen.add(digest)
+                    files.append((digest, path, len(data)))
+    files.sort()  # by content hash: a stable, package-mixing order
+    train, valid, used = [], [], {"train": 0, "valid": 0}
+    for digest, path, size in files:
+        split = "valid" if _unit("split:" + digest) < valid_fraction else "train"
+        share = valid_fraction if split == "valid" else 1 - valid_fraction
+        if max_bytes is not None and used[split] + size > max_bytes * share:
+            continue
+        (valid if split == "valid" else train).append(path)
+        used[split] += size
+    return train, valid, {"roots": [str(r) for r in roots], "files": len(files),
+                          "train_bytes": used["train"], "valid_bytes": used["valid"]}
+
+
+def prepare_data(work: Path, *, vocab: int, max_bytes, bpe_bytes: int, workers: int) -> dict:
+    """corpus -> tokenizer.json -> <dir>/code_train, code_valid; reused when already done."""
+    from nemo_tst.data import HFTokenizer, iter_texts, preprocess, train_bpe
+
+    out = work / f"data_v{vocab}_{'all' if max_bytes is None else int(max_bytes)}"
+    done = out / "data.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    train, valid, stats = collect_files(corpus_roots(), valid_fraction=0.01, max_bytes=max_bytes)
+    if not train or not valid:
+        raise SystemExit(f"corpus too small: {len(train)} train / {len(valid)} held-out files")
+    print(f"[quality] corpus: {stats['train_bytes'] / 1e6:.1f} MB train ({len(train)} files), "
+          f"{stats['valid_bytes'] / 1e6:.1f} MB held out ({len(valid)} files) from "
+          f"{len(stats['roots'])} roots ({time.time() - t0:.0f}s)", flush=True)
+    sample, used = [], 0
+    for path in train:  # already in hash order: a mixed sample
+        if used >= bpe_bytes:
+            break
+        sample.append(path)
+        used += os.path.getsize(path)
+    t1 = time.time()
+    tokenizer_path = out / "tokenizer.json"
+    train_bpe(iter_texts(sample), vocab_size=vocab, save_path=tokenizer_path)
+    tokenizer = HFTokenizer.from_file(tokenizer_path)
+    print(f"[quality] BPE ({vocab}) on {used / 1e6:.1f} MB: {time.time() - t1:.0f}s", flush=True)
+    t2 = time.time()
+    result = preprocess(train, str(out / "code"), tokenizer, held_out_inputs=valid,
+                        workers=workers, overwrite=True, progress=False)
+    info = stats | {
+        "tokenizer": str(tokenizer_path), "train_prefix": result.train.prefix,
+        "valid_prefix": result.valid.prefix, "train_tokens": result.train.tokens,
+        "valid_tokens": result.valid.tokens, "vocab_size": tokenizer.vocab_size,
+        "seconds": round(time.time() - t0, 1),
+    }
+    print(f"[quality] preprocessed {info['train_tokens']:,} train / {info['valid_tokens']:,} "
+          f"held-out tokens ({time.time() - t2:.0f}s)", flush=True)
+    done.write_text(json.dumps(info, indent=2))
+    return info
+
+
+# ----- runs ------------------------------------------------------------------------------------
+
+
+def latest_iteration(run_dir: Path, phase: int):
+    tracker = run_dir / "ckpt" / f"phase{phase}" / TRACKER
+    return int(tracker.read_text().strip()) if tracker.is_file() else None
+
+
+def eval_interval(steps: list[int], longest_gap: int) -> int:
+    """The largest divisor of every run length that is at most `longest_gap`, so that every run
+    is evaluated at its last step."""
+    g = 0
+    for s in steps:
+        g = math.gcd(g, s)
+    return max(d for d in range(1, g + 1) if g % d == 0 and d <= max(longest_gap, 1))
+
+
+def megatron_argv(size: dict, data: dict, *, steps: int, bag_size: int, r: float, warmup: int,
+                  eval_every: int, save_every: int, save: Path, cpu: bool, attention) -> list[str]:
+    from nemo_tst.demo import megatron_args
+
+    cfg = dict(size, iters=steps, warmup=warmup, eval_interval=eval_every)
+    argv = megatron_args(cfg, data, cpu=cpu)
+    # Later occurrences win in Megatron's parser: logging and checkpoint cadence for this use.
+    argv += ["--log-interval", str(max(min(eval_every, 100) // 2, 1)), "--save-interval", str(save_every),
+             "--tst-bag-size", str(bag_size), "--tst-phase1-fraction", str(r), "--save", str(save),
+             # Megatron caches dataset indices beside the data by default; runs started together
+             # with the same dataset settings would write and read the same files at once.
+             "--data-cache-path", str(save.parent / "index_cache")]
+    if attention:
+        argv += ["--tst-attention", attention]
+    return argv
+
+
+def say(line: str) -> None:
+    """One whole line at a time (runs report from several threads)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+_RUNNING: set = set()  # Popen objects of the runs in flight (each leads its own process group)
+_STOPPING = False  # set by a signal: start nothing more
+
+
+def _stop_runs(signum, frame):
+    """SIGTERM/SIGINT (run_all.sh's timeout, Ctrl-C): take the runs' process groups down too;
+    they keep their checkpoints, so a rerun resumes."""
+    global _STOPPING
+    _STOPPING = True
+    for proc in list(_RUNNING):
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    raise SystemExit(f"[quality] stopped by signal {signum}; rerun the same command to resume")
+
+
+def _launch(cmd: list[str], env: dict, out, deadline):
+    """Run one driver call in its own process group; at the deadline (+20 s) take it down."""
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    _RUNNING.add(proc)
+    try:
+        return proc.wait(timeout=None if deadline is None else max(deadline - time.time(), 0) + 20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        return "killed at the deadline"
+    finally:
+        _RUNNING.discard(proc)
+
+
+def run_one(name: str, argv: list[str], run_dir: Path, steps: int, deadline, threads=None) -> dict:
+    """`nemo-tst pretrain` for one run, phase by phase (`--tst-phase 1`, then `2`), so that each
+    phase gets Megatron's --exit-duration-in-mins from the time left when it starts (Megatron
+    then saves and exits cleanly; a rerun resumes). Finished phases are skipped."""
+    log = run_dir / "train.log"
+    if latest_iteration(run_dir, 2) == steps:
+        return {"status": "done (reused)", "seconds": 0.0}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(C.REPO), os.environ.get("PYTHONPATH")])))
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    t0, rc = time.time(), 0
+    say(f"[quality] {name}: start ({steps} steps), log {log}")
+    with open(run_dir / "driver.out", "a") as out:
+        for phase in ("1", "2"):
+            if phase == "1" and latest_iteration(run_dir, 2) is not None:
+                continue  # phase 2 started: phase 1 is complete
+            if _STOPPING:
+                rc = "stopped by a signal"
+                break
+            extra = []
+            if deadline is not None:
+                minutes = int((deadline - time.time()) // 60)
+                if minutes < 1:
+                    rc = "out of time before phase " + phase
+                    break
+                extra = ["--exit-duration-in-mins", str(minutes)]
+            cmd = [sys.executable, "-m", "nemo_tst.cli", "pretrain", "--log-file", str(log), *argv,
+                   "--tst-phase", phase, *extra]
+            rc = _launch(cmd, env, out, deadline)
+            if rc != 0:
+                break
+    seconds = round(time.time() - t0, 1)
+    if latest_iteration(run_dir, 2) == steps:
+        status = "done"
+    else:
+        tail = (run_dir / "driver.out").read_text(errors="replace").strip().splitlines()[-1:] or [""]
+        why = rc if isinstance(rc, str) else f"exit {rc}: {tail[0][:200]}"
+        status = f"incomplete (rerun to resume): {why}"
+    say(f"[quality] {name}: {status} in {seconds:.0f}s")
+    return {"status": status, "seconds": seconds}
+
+
+def run_all(jobs: list[tuple], concurrency: int) -> list[dict]:
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        return list(pool.map(lambda job: run_one(*job), jobs))
+
+
+_ITER_MS = re.compile(r"elapsed time per iteration \(ms\): ([\d.]+)")
+
+
+def calibrate(work: Path, size: dict, data: dict, *, slots: int, cpu: bool, attention, steps: int = 150,
+              threads=None) -> dict:
+    """Milliseconds per iteration with `slots` runs sharing the device, and the seconds a run
+    spends outside its iterations (start-up, data indices, saves)."""
+    jobs = []
+    for i in range(slots):
+        d = work / f"calibrate_{i}"
+        shutil.rmtree(d, ignore_errors=True)  # a fresh measurement, not a resumed one
+        argv = megatron_argv(size, data, steps=steps, bag_size=1, r=0.5, warmup=10, eval_every=steps,
+                             save_every=steps, save=d / "ckpt", cpu=cpu, attention=attention)
+        jobs.append((f"calibrate_{i}", argv + ["--log-interval", "10"], d, steps, None, threads))
+    t0 = time.time()
+    statuses = run_all(jobs, slots)
+    wall = time.time() - t0
+    per_iter = []
+    for _, _, d, _, _, _ in jobs:
+        values = [float(v) for v in _ITER_MS.findall((d / "train.log").read_text())]
+        per_iter += values[2:] if len(values) > 3 else values[-1:]
+    if not per_iter or any(not s["status"].startswith("done") for s in statuses):
+        raise SystemExit(f"calibration failed: {statuses}; see {work}/calibrate_*/train.log")
+    ms = sorted(per_iter)[len(per_iter) // 2]
+    overhead = max(wall - steps * ms / 1e3, 0.0) / 2  # each calibration run had two phases
+    return {"ms_per_iteration": ms, "seconds_per_phase_startup": overhead, "slots": slots,
+            "wall_seconds": wall}
+
+
+def choose_steps(cal: dict, multipliers: list[float], runs: int, concurrency: int, seconds: float) -> int:
+    """Largest N (multiple of 80) with estimated wall time within `seconds`:
+    2 phase start-ups per wave of runs + the iterations of the longest queue, x1.1 for
+    evaluation and checkpoints."""
+    waves = math.ceil(runs / concurrency)
+    work_per_n = max(max(multipliers), sum(multipliers) / concurrency)
+    avail = seconds - 2 * waves * cal["seconds_per_phase_startup"]
+    n = int(avail / (1.1 * work_per_n * cal["ms_per_iteration"] / 1e3))
+    return max(80, n // 80 * 80)
+
+
+# ----- results ---------------------------------------------------------------------------------
+
+
+def iso_loss_speedup(baselines: list[tuple[int, float]], target: float, n: int) -> tuple:
+    """(speedup, how): steps the baseline needs to reach `target`, over n."""
+    pts = sorted(baselines)
+    if len(pts) < 2:
+        return None, "needs >= 2 finished baselines"
+    if target >= pts[0][1]:
+        return None, f"< {pts[0][0] / n:.2f} (TST above the {pts[0][0]}-step baseline)"
+    for (s0, f0), (s1, f1) in zip(pts, pts[1:]):
+        if f1 <= target <= f0 and f0 != f1:
+            return (s0 + (f0 - target) / (f0 - f1) * (s1 - s0)) / n, "interpolated"
+    (s0, f0), (s1, f1) = pts[-2], pts[-1]
+    if f1 >= f0:
+        return None, f"> {s1 / n:.2f} (baseline not improving with length)"
+    return (s1 + (f1 - target) / (f0 - f1) * (s1 - s0)) / n, f"extrapolated beyond {s1 / n:.2f}x"
+
+
+def plot(runs: dict, phase1_end: dict, points, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("[quality] matplotlib missing: no plot", file=sys.stderr)
+        return False
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for name, r in runs.items():
+        if r["valid"]:
+            its = sorted(r["valid"])
+            left.plot(its, [r["valid"][i] for i in its], marker=".", label=name, color=f"C{list(runs).index(name)}")
+    for name, n1 in phase1_end.items():
+        left.axvline(n1, color="gray", linestyle=":", linewidth=1)
+    left.set(xlabel="iteration", ylabel="held-out next-token loss (nats)", title="held-out loss")
+    finals = [r["final_loss"] for r in runs.values() if r.get("final_loss") is not None]
+    if finals:
+        left.set_ylim(min(finals) - 0.1, min(finals) + 1.5)
+    if points:
+        xs, ys = zip(*sorted(points))
+        right.plot(xs, ys, marker="o", color="black", label="baseline final loss vs its length")
+    for i, (name, r) in enumerate(runs.items()):
+        if r["bag_size"] > 1 and r.get("final_loss") is not None:
+            right.axhline(r["final_loss"], linestyle="--", color=f"C{i}",
+                          label=f"{name} final loss ({r['steps']} steps)")
+    right.set(xlabel="baseline steps (FLOPs)", ylabel="final held-out loss (nats)", title="iso-loss")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    C.add_device_args(parser, default_out="benchmarks/results/quality.json")
+    parser.add_argument("--work-dir", type=Path, default=Path("benchmarks/work/quality"),
+                        help="data, checkpoints and logs (large; keep it outside --out's folder)")
+    parser.add_argument("--size", choices=list(SIZES), default=None,
+                        help="model preset: budget (CUDA default), note, cpu-smoke (CPU default)")
+    parser.add_argument("--steps", type=int, default=None, help="N; default: calibrated to the budget")
+    parser.add_argument("--budget-minutes", type=float, default=8.0,
+                        help="wall-clock for everything this script does, data preparation included")
+    parser.add_argument("--bag-size", type=int, default=4)
+    parser.add_argument("--phase1-fraction", type=float, default=0.3)
+    parser.add_argument("--extra-bag-sizes", type=int, nargs="*", default=[], help="e.g. 2 8")
+    parser.add_argument("--baseline-multipliers", type=float, nargs="+", default=[1.25, 1.5])
+    parser.add_argument("--concurrency", type=int, default=None, help="runs at once (CUDA: all, CPU: 2)")
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="build the data and calibrate N (for a later call with the same "
+                             "--budget-minutes and --work-dir), then stop")
+    parser.add_argument("--corpus-bytes", type=float, default=None, help="cap on the corpus size")
+    parser.add_argument("--bpe-bytes", type=float, default=32e6, help="text the BPE is trained on")
+    parser.add_argument("--vocab", type=int, default=None, help="BPE vocabulary (budget: 16384)")
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--attention", choices=["sdpa", "unfused"], default=None,
+                        help="--tst-attention for the trainer, when it has that option")
+    opts = parser.parse_args(argv)
+    device = C.resolve_device(opts.device)
+    cpu = device.type == "cpu"
+    start = time.time()
+    deadline = start + opts.budget_minutes * 60 if opts.budget_minutes else None
+    size_name = opts.size or ("cpu-smoke" if cpu else "budget")
+    size = dict(SIZES[size_name])
+    size["vocab"] = opts.vocab or size["vocab"]
+    size["lr"] = opts.lr or size["lr"]
+    preset_bytes = size.pop("corpus_bytes", None)
+    max_bytes = opts.corpus_bytes if opts.corpus_bytes is not None else preset_bytes
+    preset_steps = size.pop("steps", None)
+    n_runs = 2 + len(opts.baseline_multipliers) + len(opts.extra_bag_sizes)
+    concurrency = opts.concurrency or (min(2, n_runs) if cpu else n_runs)
+    threads = max(1, (os.cpu_count() or 1) // concurrency) if cpu else None
+    work = opts.work_dir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+
+    from nemo_tst.training.arguments import add_tst_arguments
+
+    probe = argparse.ArgumentParser()
+    add_tst_arguments(probe)
+    has_attention_flag = any("--tst-attention" in a.option_strings for a in probe._actions)
+    attention = opts.attention if has_attention_flag else None  # None: the trainer's default
+    if opts.attention and not has_attention_flag:
+        print("[quality] this trainer has no --tst-attention option: using its default", file=sys.stderr)
+    attention_used = attention or (f"{probe.get_default('tst_attention')} (trainer default)"
+                                   if has_attention_flag else "unfused (local spec)")
+
+    data = prepare_data(work, vocab=size["vocab"], max_bytes=max_bytes, bpe_bytes=int(opts.bpe_bytes),
+                        workers=max(os.cpu_count() or 1, 1))
+    size["vocab"] = data["vocab_size"]
+    # From here on this process starts trainer process groups: stop them with it. (Set after the
+    # data step: its worker pool must keep the default SIGTERM behaviour.)
+    signal.signal(signal.SIGTERM, _stop_runs)
+    signal.signal(signal.SIGINT, _stop_runs)
+
+    # N: given, preset (CPU smoke), remembered from an earlier call, or calibrated.
+    plan_file = work / f"plan_{size_name}.json"
+    calibration = None
+    if opts.steps:
+        N = opts.steps
+    elif preset_steps and cpu:
+        N = preset_steps
+    elif plan_file.is_file():
+        saved = json.loads(plan_file.read_text())
+        N, calibration = saved["steps"], saved.get("calibration")
+        print(f"[quality] reusing N = {N} from {plan_file}", flush=True)
+    else:
+        if deadline is None:
+            raise SystemExit("give --steps N or a --budget-minutes to calibrate N for")
+        calibration = calibrate(work, size, data, slots=concurrency, cpu=cpu, attention=attention,
+                                threads=threads)
+        mults = [1.0, 1.0, *opts.baseline_multipliers, *[1.0] * len(opts.extra_bag_sizes)]
+        # With --prepare-only, plan for a later call that starts with data and plan ready.
+        seconds = opts.budget_minutes * 60 if opts.prepare_only else deadline - time.time()
+        N = choose_steps(calibration, mults, n_runs, concurrency, seconds - 30)
+        print(f"[quality] calibration: {calibration['ms_per_iteration']:.1f} ms/iteration with "
+              f"{concurrency} runs sharing the device, {calibration['seconds_per_phase_startup']:.0f}s "
+              f"per phase start-up -> N = {N}", flush=True)
+        plan_file.write_text(json.dumps({"steps": N, "calibration": calibration}, indent=2))
+
+    if opts.prepare_only:
+        print(f"[quality] prepared: data in {work}, N = {N} ({plan_file})")
+        return {"steps": N, "data": data, "calibration": calibration}
+
+    runs = {"baseline": (1, N)}
+    for s in [opts.bag_size, *opts.extra_bag_sizes]:
+        runs[f"tst_s{s}"] = (s, N)
+    for m in opts.baseline_multipliers:
+        steps = round(m * N)
+        if abs(steps - m * N) > 1e-9:
+            raise SystemExit(f"{m} x --steps {N} is not a whole number of steps: pick N a multiple of 80")
+        runs[f"baseline_x{m:g}"] = (1, steps)
+    lengths = sorted({steps for _, steps in runs.values()})
+    every = eval_interval(lengths, N // 8 if cpu else N // 16)
+    save_every = every * max(1, (N // 3) // every) if not cpu else N
+    warmup = max(1, min(300, N // 20))
+    jobs = []
+    for name, (s, steps) in runs.items():
+        run_dir = work / f"N{N}" / name
+        argv_run = megatron_argv(size, data, steps=steps, bag_size=s, r=opts.phase1_fraction,
+                                 warmup=warmup, eval_every=every, save_every=save_every,
+                                 save=run_dir / "ckpt", cpu=cpu, attention=attention)
+        jobs.append((name, argv_run, run_dir, steps, deadline, threads))
+    statuses = run_all(jobs, concurrency)
+
+    # ----- read the logs back
+    from nemo_tst.superposition import SuperpositionConfig
+    from nemo_tst.training.arguments import TSTPlan
+    from nemo_tst.training.logs import parse_training_log
+
+    results, phase1_end = {}, {}
+    for (name, _, run_dir, steps, _, _), status in zip(jobs, statuses):
+        s = runs[name][0]
+        log_path = run_dir / "train.log"
+        log = parse_training_log(log_path.read_text(errors="replace")) if log_path.is_file() else None
+        n1 = int(round(opts.phase1_fraction * steps))
+        plan = TSTPlan(superposition=SuperpositionConfig(bag_size=s), seq_length=size["seq"],
+                       global_batch_size=size["gbs"], train_iters=steps, phase1_iters=n1)
+        valid = dict(log.valid) if log else {}
+        results[name] = {
+            "bag_size": s, "steps": steps, "phase1_iters": n1 if s > 1 else 0,
+            "status": status["status"], "wall_seconds": status["seconds"],
+            "final_loss": valid.get(steps), "valid": valid,
+            "text_tokens": plan.text_tokens_after(steps),
+        }
+        if s > 1:
+            phase1_end[name] = n1
+
+    base = results["baseline"]["final_loss"]
+    points = [(r["steps"], r["final_loss"]) for r in results.values()
+              if r["bag_size"] == 1 and r["final_loss"] is not None]
+    summary = {}
+    for name, r in results.items():
+        if r["bag_size"] > 1 and r["final_loss"] is not None:
+            speedup, how = iso_loss_speedup(points, r["final_loss"], N)
+            summary[name] = {
+                "minus_baseline": None if base is None else r["final_loss"] - base,
+                "iso_loss_speedup": speedup, "speedup_how": how,
+                "reaches_baseline_final_at": next(
+                    (it for it in sorted(r["valid"]) if base is not None and r["valid"][it] <= base), None),
+            }
+
+    env = C.environment(device)
+    rows = []
+    for name, r in results.items():
+        sm = summary.get(name, {})
+        rows.append([name, r["bag_size"], r["steps"], f"{r['text_tokens']:,}",
+                     C.fmt(r["final_loss"], ".4f"),
+                     C.fmt(sm.get("minus_baseline"), "+.4f") if sm else "-",
+                     (C.fmt(sm.get("iso_loss_speedup"), ".2f") + "x" if sm.get("iso_loss_speedup")
+                      else sm.get("speedup_how", "-")) if sm else "-",
+                     f"{r['wall_seconds']:.0f}", r["status"].split(":")[0]])
+    title = (f"quality at equal FLOPs: {size['layers']} layers, hidden {size['hidden']}, "
+             f"{size['heads']} heads, ffn {size['ffn']}, V {size['vocab']}, L {size['seq']}, "
+             f"global batch {size['gbs']}, {attention_used} attention, N = {N}, TST r = "
+             f"{opts.phase1_fraction}, held-out "
+             f"next-token loss every {every} steps; {env['device']}")
+    md = C.print_table(title, ["run", "s", "steps", "text tokens", "final loss", "TST - base",
+                               "iso-loss speedup", "wall s", "status"], rows)
+    for name, sm in summary.items():
+        d, sp = sm["minus_baseline"], sm["iso_loss_speedup"]
+        print(f"{name}: TST - baseline = {C.fmt(d, '+.4f')} nats (target <= -0.03: "
+              f"{'-' if d is None else 'met' if d <= -0.03 else 'NOT met'}); iso-loss speedup "
+              f"{'-' if sp is None else f'{sp:.2f}x'} ({sm['speedup_how']}; target >= 1.25: "
+              f"{'met' if sp and sp >= 1.25 else 'NOT met'})")
+    png = opts.out.with_name(opts.out.stem + "_loss_curves.png")
+    png.parent.mkdir(parents=True, exist_ok=True)
+    plotted = plot(results, phase1_end, points, png)
+    payload = {"benchmark": "quality", "command": C.command_line(), "env": env,
+               "config": {k: v for k, v in vars(opts).items() if k != "out"} | {
+                   "size_name": size_name, "size": size, "steps": N, "eval_interval": every,
+                   "warmup": warmup, "concurrency": concurrency, "attention": attention_used},
+               "data": data, "calibration": calibration, "runs": results, "summary": summary,
+               "targets": {"minus_baseline": -0.03, "iso_loss_speedup": 1.25},
+               "plot": str(png) if plotted else None, "seconds": round(time.time() - start, 1),
+               "title": title, "table_md": md}
+    C.write_json(opts.out, payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""Recipes (conf/recipes, presets, overrides), their validation, and `nemo-tst plan`."""
+
+import json
+
+import pytest
+
+from nemo_tst.cli import main
+from nemo_tst.recipes import check_recipe, load_recipe, plan_report, recipe_names
+from nemo_tst.recipes.catalog import CONF_DIR, precision_names
+
+PAPER_SCALES = ["tst_llama3_270m", "tst_llama3_600m", "tst_smollm3_3b", "tst_qwen3_10b_a1b"]
+
+
+def test_the_paper_scales_and_presets_are_there():
+    assert set(PAPER_SCALES) | {"tst_tiny"} <= set(recipe_names())
+    assert {"bf16", "fp8_delayed", "fp8_current", "mxfp8"} <= set(precision_names())
+    for name in PAPER_SCALES:
+        for gpus in (8, 64):
+            recipe = load_recipe(name, gpus=gpus)
+            assert recipe.parallel.num_gpus == gpus
+            args, plan = check_recipe(recipe, local=False)  # Megatron's parser + our checks
+            assert args.num_layers == recipe.model.num_layers
+            assert plan.train_iters == recipe.training.train_iters
+
+
+@pytest.mark.parametrize("name, s, n1, N, lr, tokens_per_step", [
+    # paper-facts: dense s=6 r=0.3 over 20k steps at 2M tokens/step; MoE s=16, 12,483 of 49,983
+    # steps at 8M tokens/step; LRs 2e-3, 1e-3, 2e-4, 3e-4.
+    ("tst_llama3_270m", 6, 6000, 20000, 2e-3, 2 * 2**20),
+    ("tst_llama3_600m", 6, 6000, 20000, 1e-3, 2 * 2**20),
+    ("tst_smollm3_3b", 6, 6000, 20000, 2e-4, 2 * 2**20),
+    ("tst_qwen3_10b_a1b", 16, 12483, 49983, 3e-4, 8 * 2**20),
+])
+def test_recipes_carry_the_paper_settings(name, s, n1, N, lr, tokens_per_step):
+    recipe = load_recipe(name)
+    _, plan = check_recipe(recipe, local=False)
+    assert (plan.superposition.bag_size, plan.phase1_iters, plan.train_iters) == (s, n1, N)
+    assert recipe.training.lr == lr
+    assert recipe.training.global_batch_size * recipe.model.seq_length == tokens_per_step
+    args = recipe.megatron_args()
+    assert args[args.index("--lr-decay-style") + 1] == "WSD"
+    assert args[args.index("--lr-warmup-iters") + 1] == "2000"
+    assert args[args.index("--lr-wsd-decay-iters") + 1] == str(round(0.1 * N))  # last 10%
+
+
+def test_published_shapes():
+    """The numbers of the configs the recipes cite (SmolLM2-135M/-360M, SmolLM3-3B)."""
+    shape = lambda n: load_recipe(n).model  # noqa: E731
+    m = shape("tst_llama3_270m")
+    assert (m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads, m.num_query_groups,
+            m.vocab_size, m.untie_embeddings) == (30, 576, 1536, 9, 3, 128256, True)
+    m = shape("tst_llama3_600m")
+    assert (m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads,
+            m.num_query_groups) == (32, 960, 2560, 15, 5)
+    m = shape("tst_smollm3_3b")
+    assert (m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads,
+            m.num_query_groups, m.vocab_size) == (36, 2048, 11008, 16, 4, 128256)
+    total, active = shape("tst_qwen3_10b_a1b").parameters()
+    assert 9.5e9 < total < 10.5e9 and 0.9e9 < active < 1.1e9  # "10B-A1B"
+
+
+def _built_parameter_count(recipe) -> int:
+    """Parameters of the megatron-core model the trainer would build for this shape."""
+    import torch
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer import TransformerConfig
+
+    from nemo_tst import TSTGPTModel, cpu
+
+    m = recipe.model
+    cpu.seed_model_parallel(0)
+    config = TransformerConfig(
+        num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
+        kv_channels=m.kv_channels, normalization="RMSNorm", gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu, add_bias_linear=False,
+        qk_layernorm=m.qk_layernorm, num_moe_experts=m.num_experts,
+        moe_router_topk=m.moe_router_topk, moe_ffn_hidden_size=m.moe_ffn_hidden_size,
+        moe_token_dispatcher_type="allgather", use_cpu_initialization=True,
+    )
+    spec = get_gpt_layer_local_spec(num_experts=m.num_experts, qk_layernorm=m.qk_layernorm,
+                                    normalization="RMSNorm")
+    model = TSTGPTModel(config=config, transformer_layer_spec=spec, vocab_size=m.vocab_size,
+                        max_sequence_length=m.seq_length, position_embedding_type="rope",
+                        share_embeddings_and_output_weights=not m.untie_embeddings)
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("overrides", [
+    [],                                                         # the tiny dense recipe
+    ["model.num_experts=4", "model.moe_router_topk=2", "model.moe_ffn_hidden_size=48",
+     "model.qk_layernorm=true", "model.kv_channels=32", "model.untie_embeddings=false"],
+])
+def test_parameter_count_matches_the_built_model(overrides, single_rank):
+    recipe = load_recipe("tst_tiny", overrides=overrides)
+    total, active = recipe.model.parameters()
+    assert total == _built_parameter_count(recipe)
+    if recipe.model.num_experts:
+        m = recipe.model
+        assert total - active == (m.num_experts - m.moe_router_topk) * 3 * m.hidden_size * \
+            m.moe_ffn_hidden_size * m.num_layers
+    else:
+        assert total == active
+
+
+def test_flops_per_position_formula():
+    m = load_recipe("tst_llama3_270m").model
+    h, L, layers, V = m.hidden_size, m.seq_length, m.num_layers, m.vocab_size
+    d = h // m.num_attention_heads
+    per_layer = h * h * 2 + h * (3 * d) * 2 + 3 * h * m.ffn_hidden_size  # q,o + k,v + SwiGLU
+    expected = 6 * (layers * per_layer + V * h) + 6 * layers * L * h
+    assert m.training_flops_per_position() == expected + 6 * (layers * 2 * h + h)  # + norms
+
+
+def test_plan_tokens_flops_and_data_budget():
+    recipe = load_recipe("tst_llama3_270m", gpus=64)
+    report = plan_report(recipe, corpus_tokens=50_000_000_000)
+    N, B, L, s, n1 = 20000, 1024, 2048, 6, 6000
+    assert [p["iterations"] for p in report["phases"]] == [n1, N - n1]
+    assert report["phases"][0]["text_tokens"] == n1 * B * s * L
+    assert report["phases"][1]["text_tokens"] == (N - n1) * B * L
+    assert report["baseline_equal_flops"]["text_tokens"] == N * B * L  # paper: 42B
+    assert report["total"]["text_tokens"] == pytest.approx((1 + (s - 1) * 0.3) * N * B * L)  # 105B
+    assert report["total"]["flops"] == report["baseline_equal_flops"]["flops"]
+    assert report["data"]["verdict"].startswith("data-bound")
+    assert plan_report(recipe, corpus_tokens=200_000_000_000)["data"]["verdict"].startswith("enough")
+    # GPU-hours from MFU, and from a measured throughput
+    flops = report["total"]["flops"]
+    assert report["estimate"]["gpu_hours"] == pytest.approx(flops / (0.4 * 989e12) / 3600)
+    measured = plan_report(recipe, tokens_per_gpu_second=100_000)
+    assert measured["estimate"]["gpu_hours"] == pytest.approx(N * B * L / 100_000 / 3600)
+
+
+def test_plan_cli_json(capsys):
+    assert main(["plan", "tst_qwen3_10b_a1b", "--gpus", "64", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["gpus"] == 64 and report["nodes"] == 8
+    assert [p["iterations"] for p in report["phases"]] == [12483, 49983 - 12483]
+    assert report["text_ratio"] == pytest.approx(1 + 15 * 12483 / 49983)
+    assert "--expert-model-parallel-size" in report["megatron_args"]
+    assert main(["plan", "tst_tiny", "tst.bag_size=2", "training.train_iters=100"]) == 0
+    out = capsys.readouterr().out
+    assert "phase 1 (superposition)" in out and "TST reads 1.30x" in out
+
+
+def test_overrides_are_typed_and_checked():
+    recipe = load_recipe("tst_tiny", overrides=[
+        "tst.bag_size=8", "training.lr=1e-4", "parallel.sequence_parallel=true",
+        "recipe.run_dir=/tmp/x", "extra_args=--foo 1", "precision=fp8_current", "model.kv_channels=null",
+    ])
+    assert recipe.tst.bag_size == 8 and recipe.training.lr == 1e-4
+    assert recipe.parallel.sequence_parallel is True and recipe.run_dir == "/tmp/x"
+    assert recipe.extra_args == ["--foo", "1"] and recipe.precision.name == "fp8_current"
+    for bad, words in [
+        ("model.num_layerz=3", "unknown override key 'model.num_layerz'; model has:"),
+        ("optimizer.lr=1", "sections are"),
+        ("tst.bag_size=two", "expected int"),
+        ("model=3", "names a section"),
+        ("tst.bag_size", "is not key=value"),
+        ("precision=fp4", "unknown precision 'fp4'"),
+    ]:
+        with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
+            load_recipe("tst_tiny", overrides=[bad])
+
+
+@pytest.mark.parametrize("overrides, gpus, words", [
+    (["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true",
+      "model.seq_length=63"], 2, "divisible by --tensor-model-parallel-size=2"),
+    (["parallel.context_parallel_size=2", "model.seq_length=66"], 2,
+     "divisible by 2 x --context-parallel-size = 4"),
+    (["training.global_batch_size=6"], 2, "must be a multiple of --micro-batch-size x data-parallel"),
+    (["parallel.tensor_model_parallel_size=2"], 1, "not a multiple of tp x pp x cp"),
+    (["precision=fp8_delayed", "parallel.micro_batch_size=1", "model.seq_length=40"], 1,
+     "to be a multiple of 16"),
+    (["precision=mxfp8", "parallel.micro_batch_size=1", "model.seq_length=48"], 1,
+     "to be a multiple of 32"),
+    (["model.num_experts=3", "parallel.expert_model_parallel_size=2"], 2,
+     "divisible by --expert-model-parallel-size 2"),
+    (["parallel.virtual_pipeline_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2",
+      "model.num_layers=6"], 2, "chunks must divide model.num_layers=6"),
+    (["tst.bag_size=0"], 1, "bag_size (s) must be >= 1"),
+    (["tst.phase1_fraction=1.0"], 1, "strictly between 0 and 1"),
+])
+def test_recipe_validation_names_the_fix(overrides, gpus, words):
+    recipe = load_recipe("tst_tiny", gpus=gpus, overrides=overrides)
+    with pytest.raises(ValueError) as err:
+        check_recipe(recipe, local=False)
+    assert words in str(err.value)
+
+
+def test_presets_that_do_not_exist_are_refused():
+    with pytest.raises(ValueError, match="has parallel presets for"):
+        load_recipe("tst_llama3_270m", gpus=4)
+    with pytest.raises(ValueError, match="One GPU cannot hold 10B parameters"):
+        load_recipe("tst_qwen3_10b_a1b", gpus=1)
+    with pytest.raises(ValueError, match="unknown recipe 'tst_llama4'"):
+        load_recipe("tst_llama4")
+
+
+def test_where_the_job_runs_checks(tmp_path):
+    """local=True adds what only the job's machine can check: data, TE for FP8, MXFP8 arch."""
+    import importlib.util
+
+    recipe = load_recipe("tst_tiny", overrides=[f"run_dir={tmp_path / 'run'}"])
+    with pytest.raises(ValueError, match="data.prefix is not set"):
+        check_recipe(recipe, local=True)
+    recipe = load_recipe("tst_tiny", overrides=[f"run_dir={tmp_path / 'run'}",
+                                                f"data.prefix={tmp_path / 'missing'}"])
+    with pytest.raises(ValueError, match="does not exist"):
+        check_recipe(recipe, local=True)
+    if importlib.util.find_spec("transformer_engine") is None:
+        from nemo_tst.training.arguments import check_runtime
+        from nemo_tst.training.driver import parse_megatron_args
+
+        fp8 = load_recipe("tst_tiny", overrides=["precision=fp8_delayed", "model.seq_length=64"])
+        with pytest.raises(ValueError, match="needs Transformer Engine"):
+            check_runtime(parse_megatron_args(fp8.megatron_args()))
+        mx = load_recipe("tst_tiny", overrides=["precision=mxfp8", "model.seq_length=64"])
+        with pytest.raises(ValueError, match="mxfp8 needs a Blackwell GPU"):
+            check_runtime(parse_megatron_args(mx.megatron_args()))
+
+
+def test_conf_is_yaml_with_citations():
+    for path in (CONF_DIR / "recipes").glob("tst_*.yaml"):
+        text = path.read_text()
+        if path.stem != "tst_tiny":
+            assert "config.json" in text or "paper" in text.lower(), f"{path} cites no source"
