@@ -444,49 +444,20 @@ def check_phase_iteration(phase: int, iteration: int, plan: TSTRunPlan) -> None:
 
 def cp_zigzag_slice(tensors: dict, cp_rank: int, cp_size: int) -> dict:
     """Megatron's 2*cp zig-zag split along dim 1, as Bridge's `get_batch_on_this_cp_rank` does
-    for sequences: rank r keeps chunks r and 2*cp-1-r. Phase-1 tensors are split along latent
-    positions ([b, L*s] ids, [b, L] positions, [b, L, k] targets), so with L % (2*cp) == 0 no
-    bag is cut."""
-    if cp_size == 1:
-        return dict(tensors)
-    import torch
+    for sequences (rank r keeps chunks r and 2*cp-1-r); phase-1 tensors are split along latent
+    positions, so with L % (2*cp) == 0 no bag is cut. The one implementation is
+    `nemo_tst.training.step.split_for_context_parallel`."""
+    from nemo_tst.training.step import split_for_context_parallel
 
-    out = {}
-    for key, t in tensors.items():
-        if t.size(1) % (2 * cp_size):
-            raise ValueError(
-                f"{key} has {t.size(1)} entries along the sequence, not divisible by "
-                f"2 x context_parallel_size = {2 * cp_size}"
-            )
-        chunks = t.chunk(2 * cp_size, dim=1)
-        out[key] = torch.cat([chunks[cp_rank], chunks[2 * cp_size - 1 - cp_rank]], dim=1)
-    return out
+    return split_for_context_parallel(tensors, cp_rank, cp_size)
 
 
 def tst_phase1_loss(target_mask, target_weights, output_tensor):
-    """Phase-1 loss in Bridge's loss-function contract: (loss sum, count, report).
+    """Phase-1 loss in Bridge's loss-function contract, (loss sum, count, report): the same
+    contract as Megatron-LM's, so this is `nemo_tst.training.step.phase1_loss_terms`."""
+    from nemo_tst.training.step import phase1_loss_terms
 
-    output_tensor: the model's per-target CE [b, L, k]; target_mask [b, L, k]; target_weights
-    [k] summing to 1. The sum is over latent positions of each position's weighted CE
-    (`reduce_multi_hot_loss`), the count is the latent positions with a target (Megatron's
-    schedule divides by it; the MoE aux loss assumes one counted token per router token).
-    Report entries are [sum, count] pairs, which Bridge sums over micro-batches and DP ranks:
-    "tst loss" and, for k > 1, the plain CE of each next-bag offset "tst loss t+j".
-    """
-    import torch
-
-    from nemo_tst.superposition.loss import reduce_multi_hot_loss
-
-    loss_sum, positions = reduce_multi_hot_loss(output_tensor, target_mask, target_weights)
-    report = {"tst loss": torch.stack([loss_sum.detach().float(), positions.float()])}
-    k = output_tensor.size(-1)
-    if k > 1:
-        mask = target_mask.float()
-        per_offset = (output_tensor.detach().float() * mask).sum(dim=(0, 1))
-        counts = mask.sum(dim=(0, 1))
-        for j in range(k):
-            report[f"tst loss t+{j + 1}"] = torch.stack([per_offset[j], counts[j]])
-    return loss_sum, positions.to(torch.int), report
+    return phase1_loss_terms(target_mask, target_weights, output_tensor)
 
 
 def _phase1_loss_checked(

@@ -19,7 +19,9 @@ _FLOAT = r"([-+]?\d+\.\d+E[-+]\d+|nan|inf)"
 _TRAIN = re.compile(r"\biteration\s+(\d+)/\s*(\d+) \|(.*)$")
 _KEY_VALUE = re.compile(r"\s*([a-zA-Z][\w +\-]*?): " + _FLOAT + r" \|")
 _VALID = re.compile(r"validation loss at iteration (\d+)( on \w+ set)? \| lm loss value: " + _FLOAT)
-_PROCESS_START = re.compile(r"^training \.\.\.$")
+# Megatron's `print_rank_0("training ...")` as a process starts its loop. Searched, not
+# matched: with several ranks writing to one pipe, another rank's output can share the line.
+_PROCESS_START = re.compile(r"\btraining \.\.\.")
 _TST = re.compile(r"^\[tst\] iteration (\d+) \| phase (\d) \| s (\d+) \| latent positions (\d+) \| text tokens (\d+)")
 
 
@@ -52,7 +54,7 @@ def parse_training_log(text: str) -> TrainingLog:
     log = TrainingLog()
     first = None  # (iteration, values) of the first line the current process printed
     for line in text.splitlines():
-        if _PROCESS_START.match(line.strip()):
+        if _PROCESS_START.search(line):
             first = "next"
         # Megatron prefixes a timestamp, and other ranks' output may precede it on the line.
         elif m := _TRAIN.search(line):

@@ -61,17 +61,26 @@ def get_batch(data_iterator, vp_stage=None):
     return _broadcast_over_tp(batch)
 
 
-def _slice_for_context_parallel(tensors: dict) -> dict:
-    """Megatron's zig-zag CP split along dim 1 (sequence, or latent positions [b, L, k])."""
-    cp = parallel_state.get_context_parallel_world_size()
-    if cp == 1:
-        return tensors
-    rank = parallel_state.get_context_parallel_rank()
+def split_for_context_parallel(tensors: dict, cp_rank: int, cp_size: int) -> dict:
+    """Megatron's zig-zag CP split along dim 1: rank r keeps chunks r and 2*cp-1-r of 2*cp.
+
+    Phase-1 tensors are split along latent positions ([b, L*s] ids, [b, L] positions,
+    [b, L, k] targets), so with L % (2*cp) == 0 no bag is cut."""
+    if cp_size == 1:
+        return dict(tensors)
     out = {}
     for key, t in tensors.items():
-        chunks = t.chunk(2 * cp, dim=1)  # bag-aligned: L % (2*cp) == 0 is validated up front
-        out[key] = torch.cat([chunks[rank], chunks[2 * cp - 1 - rank]], dim=1)
+        if t.size(1) % (2 * cp_size):
+            raise ValueError(f"{key} has {t.size(1)} entries along the sequence, not divisible "
+                             f"by 2 x context_parallel_size = {2 * cp_size}")
+        chunks = t.chunk(2 * cp_size, dim=1)
+        out[key] = torch.cat([chunks[cp_rank], chunks[2 * cp_size - 1 - cp_rank]], dim=1)
     return out
+
+
+def _slice_for_context_parallel(tensors: dict) -> dict:
+    return split_for_context_parallel(tensors, parallel_state.get_context_parallel_rank(),
+                                      parallel_state.get_context_parallel_world_size())
 
 
 def _check_finite(loss, phase: int) -> None:
@@ -90,18 +99,30 @@ def _check_finite(loss, phase: int) -> None:
     )
 
 
-def phase1_loss_func(target_mask, target_weights, output_tensor):
-    """output_tensor: per-target CE [b, L, k] -> (loss sum, latent positions, report)."""
+def phase1_loss_terms(target_mask, target_weights, output_tensor):
+    """The phase-1 loss in the trainer's contract, (loss sum, count, report), without checks.
+
+    output_tensor: per-target CE [b, L, k]; target_mask [b, L, k]; target_weights [k]. The
+    count is latent positions with a target (the schedule divides by it; the MoE aux loss
+    assumes one counted token per router token). Report entries are [sum, count] pairs, summed
+    over micro-batches and DP ranks: "tst loss" and, for k > 1, "tst loss t+j", how well each
+    next-bag token is predicted. Shared by Megatron-LM's trainer and the Bridge adapter."""
     loss_sum, positions = reduce_multi_hot_loss(output_tensor, target_mask, target_weights)
-    _check_finite(loss_sum, 1)
-    report = {"tst loss": torch.stack([loss_sum.detach(), positions.float()])}
-    # Per target offset (t+1 .. t+k): how well each next-bag token is predicted.
+    report = {"tst loss": torch.stack([loss_sum.detach().float(), positions.float()])}
     if output_tensor.size(-1) > 1:
-        per_offset = (output_tensor.detach().float() * target_mask).sum(dim=(0, 1))
-        counts = target_mask.sum(dim=(0, 1))
+        mask = target_mask.float()
+        per_offset = (output_tensor.detach().float() * mask).sum(dim=(0, 1))
+        counts = mask.sum(dim=(0, 1))
         for j in range(output_tensor.size(-1)):
             report[f"tst loss t+{j + 1}"] = torch.stack([per_offset[j], counts[j]])
     return loss_sum, positions.to(torch.int), report
+
+
+def phase1_loss_func(target_mask, target_weights, output_tensor):
+    """`phase1_loss_terms` with Megatron's non-finite check naming the phase."""
+    loss_sum, positions, report = phase1_loss_terms(target_mask, target_weights, output_tensor)
+    _check_finite(loss_sum, 1)
+    return loss_sum, positions, report
 
 
 def phase2_loss_func(loss_mask, output_tensor):
