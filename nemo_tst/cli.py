@@ -8,7 +8,7 @@
                   [--corpus-tokens T] [--tokens-per-gpu-second X | --mfu M --peak-tflops F]
     nemo-tst recipes                 the recipes in conf/recipes and the precision presets
     nemo-tst run --factory RECIPE[(gpus=G, precision=P)] [recipe.section.field=value ...]
-                 [run.executor=local|slurm|docker executor.FIELD=value ...] [--dryrun] [--yes]
+                 [run.executor=local|slurm|docker run.executor.FIELD=value ...] [--dryrun] [--yes]
                  NeMo-Run: phase 1 then phase 2 as a two-stage experiment
 
 Every command validates its input before doing expensive work and exits non-zero with a
