@@ -198,9 +198,9 @@ class TSTBridgeConfig:
 
     def phase1_iterations(self, train_iters: int) -> int:
         """n1 for N = train_iters (the same rounding as `nemo-tst pretrain`)."""
-        if self.phase1_iters is not None:
-            return self.phase1_iters
-        return int(round(self.phase1_fraction * train_iters))
+        from nemo_tst.training.arguments import phase1_iterations
+
+        return phase1_iterations(train_iters, fraction=self.phase1_fraction, iters=self.phase1_iters)
 
 
 @dataclass(frozen=True)

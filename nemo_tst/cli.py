@@ -98,13 +98,12 @@ def _plan(rest: list[str]) -> None:
 
 def _recipes(rest: list[str]) -> None:
     from nemo_tst.recipes import load_recipe, precision_names, recipe_names
-    from nemo_tst.recipes.catalog import default_gpus
 
     for name in recipe_names():
-        recipe = load_recipe(name)
+        recipe = load_recipe(name)  # with its default parallel preset
         total, active = recipe.model.parameters()
         print(f"{name:22} {total / 1e9:7.2f}B ({active / 1e9:.2f}B active)  s={recipe.tst.bag_size}  "
-              f"N={recipe.training.train_iters}  default gpus={default_gpus(name)}")
+              f"N={recipe.training.train_iters}  default gpus={recipe.parallel.num_gpus}")
     print(f"precision presets: {', '.join(precision_names())}")
 
 

@@ -134,6 +134,7 @@ from typing import Any, Callable, Optional
 import torch
 
 __all__ = [
+    "MODEL_CPU_CONFIG",
     "TRAINER_CPU_ARGS",
     "causal_attention_mask",
     "disable_megatron_cpu",
@@ -143,6 +144,13 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# The TransformerConfig fields a model built directly on CPU needs (USAGE, MODEL LEVEL): weights
+# drawn on the CPU generator, and Megatron's fused CUDA/Apex kernels off.
+MODEL_CPU_CONFIG = dict(
+    use_cpu_initialization=True, bias_dropout_fusion=False, apply_rope_fusion=False,
+    masked_softmax_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
+)
 
 # The Megatron-LM arguments a CPU run needs (see TRAINER LEVEL above); `--tst-cpu` makes each
 # rank call enable_megatron_cpu() before Megatron builds anything.

@@ -21,21 +21,16 @@ import sys
 import time
 from pathlib import Path
 
+from nemo_tst.conf import CONF_DIR, read_conf
+
 __all__ = ["demo_main", "load_sizes", "prepare_stdlib_data", "run_demo"]
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "demo.yaml"
+CONF = CONF_DIR / "demo.yaml"
 
 
 def load_sizes(path: Path = CONF) -> dict:
     """Model and schedule per demo size, from conf/demo.yaml (data, not code)."""
-    import yaml
-
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} is missing: the demo reads its sizes from the repository's conf/; run it "
-            "from a source checkout (scripts/demo.sh installs one in editable mode)"
-        )
-    return yaml.safe_load(path.read_text())
+    return read_conf(path)
 
 
 def prepare_stdlib_data(out: Path, *, max_bytes, vocab_size: int, workers: int = 1) -> dict:

@@ -1,10 +1,10 @@
 """SDPAttention (torch SDPA) against the local spec's DotProductAttention, on CPU, one rank."""
 
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+from nemo_tst import cpu
 
 HIDDEN, HEADS, SEQ, BATCH, VOCAB = 64, 4, 16, 2, 128
 
@@ -18,18 +18,13 @@ def config(groups=2, dtype=torch.float32, **overrides):
         ffn_hidden_size=128,
         num_attention_heads=HEADS,
         num_query_groups=groups,
-        use_cpu_initialization=True,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         normalization="RMSNorm",
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
+        **cpu.MODEL_CPU_CONFIG,
         bf16=dtype == torch.bfloat16,
         params_dtype=dtype,
     )

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nemo_tst import bridge
+from nemo_tst import bridge, cpu
 from nemo_tst.bridge import (
     TSTBridgeConfig,
     check_phase_iteration,
@@ -392,11 +392,9 @@ def _gpt(cls=None, seed=1234):
     torch.manual_seed(seed)
     config = TransformerConfig(
         num_layers=2, hidden_size=HIDDEN, ffn_hidden_size=64, num_attention_heads=4,
-        num_query_groups=2, use_cpu_initialization=True, hidden_dropout=0.0,
-        attention_dropout=0.0, normalization="RMSNorm", gated_linear_unit=True,
-        activation_func=F.silu, add_bias_linear=False, bias_dropout_fusion=False,
-        apply_rope_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
+        num_query_groups=2, hidden_dropout=0.0, attention_dropout=0.0, normalization="RMSNorm",
+        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
+        **cpu.MODEL_CPU_CONFIG,
     )
     return (cls or GPTModel)(
         config=config,

@@ -17,7 +17,7 @@ pytest.importorskip("nemo_run", reason="NeMo-Run is the nemo extra: pip install 
 import fiddle as fdl  # noqa: E402  (comes with nemo_run)
 
 from nemo_tst.cli import main  # noqa: E402
-from nemo_tst.recipes import load_recipe, recipe_names  # noqa: E402
+from nemo_tst.recipes import check_recipe, load_recipe, recipe_names  # noqa: E402
 from nemo_tst.recipes.experiment import (  # noqa: E402
     add_phases,
     docker_executor,
@@ -59,7 +59,7 @@ def test_slurm_sbatch_for_the_moe_recipe_on_64_gpus(tmp_path):
                                         container_mounts=["/lustre:/lustre"]))
     exp = two_phase_experiment(recipe, executor)
     with exp:
-        add_phases(exp, recipe, executor)
+        add_phases(exp, recipe, check_recipe(recipe, local=False)[1])
         exp.dryrun(log=False, delete_exp_dir=False)
         jobs = {job.id: job for job in exp.jobs}
     assert jobs["phase1"].dependencies == [] and jobs["phase2"].dependencies == ["phase1"]
@@ -94,7 +94,7 @@ def test_docker_commands(tmp_path, capsys):
     executor = fdl.build(docker_executor(container_image="nemo-tst:test", volumes=["/data:/data"]))
     exp = two_phase_experiment(recipe, executor)
     with exp:
-        add_phases(exp, recipe, executor)
+        add_phases(exp, recipe, check_recipe(recipe, local=False)[1])
         exp.dryrun(log=True, delete_exp_dir=True)
         jobs = {job.id: job for job in exp.jobs}
     assert jobs["phase2"].dependencies == ["phase1"]

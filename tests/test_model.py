@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from nemo_tst import cpu
 from tests.distributed import init_megatron_parallel, run_on_ranks
 
 VOCAB, HIDDEN, L, BATCH = 96, 32, 8, 2
@@ -30,7 +31,6 @@ def tiny_config(tp=1, ep=1, moe=False):
         ffn_hidden_size=64,
         num_attention_heads=4,
         num_query_groups=2,
-        use_cpu_initialization=True,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         tensor_model_parallel_size=tp,
@@ -38,11 +38,7 @@ def tiny_config(tp=1, ep=1, moe=False):
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
+        **cpu.MODEL_CPU_CONFIG,
         **extra,
     )
 

@@ -76,7 +76,7 @@ def _built_parameter_count(recipe) -> int:
         activation_func=torch.nn.functional.silu, add_bias_linear=False,
         qk_layernorm=m.qk_layernorm, num_moe_experts=m.num_experts,
         moe_router_topk=m.moe_router_topk, moe_ffn_hidden_size=m.moe_ffn_hidden_size,
-        moe_token_dispatcher_type="allgather", use_cpu_initialization=True,
+        moe_token_dispatcher_type="allgather", **cpu.MODEL_CPU_CONFIG,
     )
     spec = get_gpt_layer_local_spec(num_experts=m.num_experts, qk_layernorm=m.qk_layernorm,
                                     normalization="RMSNorm")

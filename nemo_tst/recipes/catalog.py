@@ -11,9 +11,9 @@ recipe names, presets and override keys are refused with the valid choices.
 import dataclasses
 import types
 import typing
-from pathlib import Path
 from typing import Iterable, Optional
 
+from nemo_tst.conf import CONF_DIR, read_conf
 from nemo_tst.recipes.config import (
     DataPaths,
     ModelShape,
@@ -29,22 +29,10 @@ __all__ = [
     "resolve_override_key",
 ]
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 SECTIONS = {
     "model": ModelShape, "training": TrainingSchedule, "tst": TSTSettings,
     "parallel": ParallelLayout, "precision": Precision, "data": DataPaths,
 }
-
-
-def _read_yaml(path: Path) -> dict:
-    import yaml
-
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} is missing: recipes are read from the repository's conf/; install nemo-tst "
-            "from a source checkout (pip install -e .) or the Docker image"
-        )
-    return yaml.safe_load(path.read_text())
 
 
 def recipe_names() -> list[str]:
@@ -52,11 +40,11 @@ def recipe_names() -> list[str]:
 
 
 def precision_names() -> list[str]:
-    return list(_read_yaml(CONF_DIR / "precision.yaml"))
+    return list(read_conf(CONF_DIR / "precision.yaml"))
 
 
 def _precision(name: str) -> Precision:
-    presets = _read_yaml(CONF_DIR / "precision.yaml")
+    presets = read_conf(CONF_DIR / "precision.yaml")
     if name not in presets:
         raise ValueError(f"unknown precision {name!r}; choose one of {sorted(presets)} "
                          "(conf/precision.yaml)")
@@ -64,10 +52,9 @@ def _precision(name: str) -> Precision:
     return Precision(name=name, args=[str(a) for a in preset["args"]])
 
 
-def default_gpus(name: str) -> int:
-    """8 where the recipe has an 8-GPU preset (a node), else its smallest preset."""
-    presets = _read_yaml(CONF_DIR / "recipes" / f"{name}.yaml")["parallel"]
-    usable = sorted(int(k) for k, v in presets.items() if isinstance(v, dict))
+def _default_gpus(presets: dict[int, object]) -> int:
+    """8 where the recipe has an 8-GPU preset (a node), else its smallest usable preset."""
+    usable = sorted(k for k, v in presets.items() if isinstance(v, dict))
     return 8 if 8 in usable else usable[0]
 
 
@@ -77,9 +64,9 @@ def load_recipe(name: str, *, gpus: Optional[int] = None, precision: str = "bf16
     `overrides` (`section.field=value`) applied in order."""
     if name not in recipe_names():
         raise ValueError(f"unknown recipe {name!r}; choose one of {recipe_names()} (conf/recipes/)")
-    conf = _read_yaml(CONF_DIR / "recipes" / f"{name}.yaml")
-    gpus = default_gpus(name) if gpus is None else gpus
+    conf = read_conf(CONF_DIR / "recipes" / f"{name}.yaml")
     presets = {int(k): v for k, v in conf["parallel"].items()}
+    gpus = _default_gpus(presets) if gpus is None else gpus
     if gpus not in presets:
         raise ValueError(
             f"recipe {name} has parallel presets for {sorted(presets)} GPUs, not {gpus}: pick "

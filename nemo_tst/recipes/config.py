@@ -7,7 +7,7 @@ The recipes of the paper's scales are YAML files in `conf/recipes/` (loaded by
 `nemo_tst.recipes.catalog`); every field below can be overridden as `section.field=value`.
 """
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Optional
 
 __all__ = [
@@ -243,6 +243,7 @@ class DataPaths:
     tokenizer: Optional[str] = None
     """tokenizer.json, when not PREFIX_tokenizer.json."""
     num_workers: int = 2
+    """Data-loader worker processes per rank (0 on CPU)."""
 
     @property
     def tokenizer_path(self) -> Optional[str]:
@@ -254,7 +255,6 @@ class DataPaths:
         return [
             "--train-data-path", f"{self.prefix}_train", "--valid-data-path", f"{self.prefix}_valid",
             "--tst-tokenizer", self.tokenizer_path, "--tokenizer-type", "NullTokenizer",
-            "--num-workers", self.num_workers,
         ]
 
 
@@ -284,6 +284,7 @@ class TSTRecipe:
             *self.parallel.megatron_args(self.model.num_layers), *self.tst.megatron_args(),
             "--ckpt-format", "torch_dist",
             "--attention-dropout", 0.0, "--hidden-dropout", 0.0,
+            "--num-workers", 0 if self.cpu else self.data.num_workers,  # no workers on CPU
             *self.data.megatron_args(),
         ]
         if self.run_dir:
@@ -291,7 +292,7 @@ class TSTRecipe:
         if self.cpu:
             from nemo_tst.cpu import TRAINER_CPU_ARGS
 
-            args += [*TRAINER_CPU_ARGS, "--num-workers", 0]  # no data-loader workers on CPU
+            args += TRAINER_CPU_ARGS
         else:
             args += ["--transformer-impl", self.transformer_impl, *self.precision.args]
         if self.model.num_experts:
@@ -299,6 +300,3 @@ class TSTRecipe:
             args += ["--moe-token-dispatcher-type", "allgather" if self.cpu else "alltoall"]
         return [str(a) for a in args + list(self.extra_args)]
 
-
-def field_names(cls) -> list[str]:
-    return [f.name for f in fields(cls)]

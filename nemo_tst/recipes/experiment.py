@@ -27,6 +27,7 @@ import nemo_run as run
 from nemo_tst.recipes import catalog
 from nemo_tst.recipes.config import TSTRecipe
 from nemo_tst.recipes.plan import check_recipe
+from nemo_tst.training.arguments import TSTPlan
 
 __all__ = [
     "add_phases", "docker_executor", "local_executor", "phase_tasks", "pretrain", "recipe_config",
@@ -36,13 +37,13 @@ __all__ = [
 PHASE_ENV = {"CUDA_DEVICE_MAX_CONNECTIONS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def phase_tasks(recipe: TSTRecipe) -> list[tuple[int, run.Script]]:
-    """[(1, phase-1 script), (2, phase-2 script)]: each rank's command for each phase."""
+def phase_tasks(recipe: TSTRecipe, plan: TSTPlan) -> list[tuple[int, run.Script]]:
+    """[(1, phase-1 script), (2, phase-2 script)]: each rank's command for each phase; `plan`
+    is what `check_recipe(recipe, ...)` returned."""
     from nemo_tst.training.driver import phase_argv
 
     if not recipe.run_dir:
         raise ValueError("recipe.run_dir is not set: recipe.run_dir=/path/to/checkpoints")
-    _, plan = check_recipe(recipe, local=False)
     argv = recipe.megatron_args()
     return [
         (phase, run.Script(path="nemo_tst.training.pretrain", m=True, entrypoint="python",
@@ -79,12 +80,12 @@ def two_phase_experiment(recipe: TSTRecipe, executor: run.Executor, *,
                           log_level="WARN")
 
 
-def add_phases(exp: run.Experiment, recipe: TSTRecipe, executor: run.Executor) -> list[str]:
-    """Add phase 1 and phase 2 (depending on phase 1) to `exp`; call inside `with exp:`."""
-    sized = _fit_executor(executor, recipe)
+def add_phases(exp: run.Experiment, recipe: TSTRecipe, plan: TSTPlan) -> list[str]:
+    """Add phase 1 and phase 2 (depending on phase 1) to `exp`, on the executor
+    `two_phase_experiment` sized; call inside `with exp:`."""
     handles = []
-    for phase, script in phase_tasks(recipe):
-        handles.append(exp.add(script, executor=sized, name=f"phase{phase}",
+    for phase, script in phase_tasks(recipe, plan):
+        handles.append(exp.add(script, executor=exp.executor, name=f"phase{phase}",
                                dependencies=handles[-1:] or None))
     return handles
 
@@ -120,7 +121,7 @@ def pretrain(ctx: run.cli.RunContext, recipe: TSTRecipe, check_local: Optional[b
     name = ctx.name if ctx.name and ctx.name != "pretrain" else recipe.name
     exp = two_phase_experiment(recipe, executor, name=name)
     with exp:
-        add_phases(exp, recipe, executor)
+        add_phases(exp, recipe, plan)
         ctx.launch(exp)  # phase 2 waits for phase 1 through its dependency
 
 

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 
 from nemo_tst.superposition.config import MODES, WEIGHTINGS, SuperpositionConfig
 
-__all__ = ["PHASES", "TSTPlan", "add_tst_arguments", "check_runtime", "plan_from_args"]
+__all__ = [
+    "PHASES", "TSTPlan", "add_tst_arguments", "check_runtime", "phase1_iterations", "plan_from_args",
+]
 
 PHASES = ("both", "1", "2")
 
@@ -94,6 +96,12 @@ class TSTPlan:
         return self.train_iters * self.global_batch_size * self.seq_length
 
 
+def phase1_iterations(train_iters: int, *, fraction: float, iters: int | None = None) -> int:
+    """n1: `iters` when given, else r·N rounded to the nearest iteration (every integration
+    uses this, so a recipe gives the same phase boundary through each)."""
+    return iters if iters is not None else int(round(fraction * train_iters))
+
+
 def plan_from_args(args: argparse.Namespace) -> TSTPlan:
     """Validate the TST arguments against Megatron's and return the plan.
 
@@ -135,7 +143,7 @@ def plan_from_args(args: argparse.Namespace) -> TSTPlan:
             raise ValueError(
                 f"--tst-phase1-fraction={r} must lie strictly between 0 and 1 (paper: 0.2-0.4)"
             )
-        n1 = int(round(r * N))
+        n1 = phase1_iterations(N, fraction=r)
         if not 1 <= n1 < N:
             raise ValueError(
                 f"--tst-phase1-fraction={r} of --train-iters={N} gives {n1} phase-1 iterations; "
