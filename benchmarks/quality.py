@@ -62,6 +62,10 @@ SIZES = {
     # The shape of shared/notes/measured-on-h100.md: ~114 ms/step, far beyond a 25-minute budget.
     "note": dict(layers=12, hidden=768, heads=12, ffn=2048, seq=512, mbs=32, gbs=32, lr=1.0e-3,
                  eval_iters=20, vocab=16384, corpus_bytes=None),
+    # The CPU demo's model (conf/demo.yaml "cpu"): with --steps 8000 the four runs take about an
+    # hour on 2 cores, long enough for the recovery phase; the GPU sizes are out of reach there.
+    "cpu": dict(layers=4, hidden=128, heads=4, ffn=344, seq=64, mbs=16, gbs=16, lr=2.0e-3,
+                eval_iters=8, vocab=4096, corpus_bytes=80_000_000),
     # CPU smoke test: checks the pipeline, not the method (40 steps cannot show TST's gain).
     "cpu-smoke": dict(layers=2, hidden=64, heads=4, ffn=172, seq=64, mbs=8, gbs=8, lr=3.0e-3,
                       eval_iters=2, vocab=1024, corpus_bytes=3_000_000, steps=40),
@@ -392,10 +396,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--work-dir", type=Path, default=Path("benchmarks/work/quality"),
                         help="data, checkpoints and logs (large; keep it outside --out's folder)")
     parser.add_argument("--size", choices=list(SIZES), default=None,
-                        help="model preset: budget (CUDA default), note, cpu-smoke (CPU default)")
+                        help="model preset: budget (CUDA default), note, cpu, cpu-smoke (CPU default)")
     parser.add_argument("--steps", type=int, default=None, help="N; default: calibrated to the budget")
     parser.add_argument("--budget-minutes", type=float, default=8.0,
-                        help="wall-clock for everything this script does, data preparation included")
+                        help="wall-clock for everything this script does, data preparation included "
+                             "(0: no deadline; then give --steps)")
     parser.add_argument("--bag-size", type=int, default=4)
     parser.add_argument("--phase1-fraction", type=float, default=0.3)
     parser.add_argument("--extra-bag-sizes", type=int, nargs="*", default=[], help="e.g. 2 8")
@@ -485,7 +490,7 @@ def main(argv=None) -> dict:
             raise SystemExit(f"{m} x --steps {N} is not a whole number of steps: pick N a multiple of 80")
         runs[f"baseline_x{m:g}"] = (1, steps)
     lengths = sorted({steps for _, steps in runs.values()})
-    every = eval_interval(lengths, N // 8 if cpu else N // 16)
+    every = eval_interval(lengths, N // 8 if size_name == "cpu-smoke" else N // 16)
     save_every = every * max(1, (N // 3) // every) if not cpu else N
     warmup = max(1, min(300, N // 20))
     jobs = []

@@ -264,6 +264,22 @@ class TSTRunPlan:
         return items_needed(self.core)
 
 
+# How a Bridge recipe spells the settings the shared run checks name (`check_plan`).
+_BRIDGE_SETTING_NAMES = dict(
+    train_iters="cfg.train.train_iters",
+    phase1_iters="TSTBridgeConfig.phase1_iters",
+    phase1_fraction="TSTBridgeConfig.phase1_fraction",
+    bag_size="TSTBridgeConfig.bag_size",
+    seq_length="cfg.model.seq_length",
+    tensor_parallel="cfg.model.tensor_model_parallel_size",
+    sequence_parallel="cfg.model.sequence_parallel=True",
+    context_parallel="cfg.model.context_parallel_size",
+    decay_iters="cfg.scheduler.lr_decay_iters",
+    wsd_decay_iters="cfg.scheduler.lr_wsd_decay_iters",
+    mtp_num_layers="cfg.model.mtp_num_layers",
+)
+
+
 def plan_tst_run(
     tst: TSTBridgeConfig,
     *,
@@ -284,8 +300,10 @@ def plan_tst_run(
 
     Plain numbers in, so it runs without Bridge; `tst_phase_configs` passes the recipe's
     `cfg.train`, `cfg.model` and `cfg.scheduler` values. Raises ValueError naming the setting
-    and the fix.
+    and the fix; the checks `nemo-tst pretrain` makes too are `check_plan`'s, shared.
     """
+    from nemo_tst.training.arguments import SettingNames, check_plan
+
     if not isinstance(tst, TSTBridgeConfig):
         raise TypeError(f"tst must be a TSTBridgeConfig, got {type(tst).__name__}")
     if not run_dir:
@@ -308,49 +326,27 @@ def plan_tst_run(
     if not isinstance(L, int) or L < 1:
         raise ValueError(f"cfg.model.seq_length={L!r} must be a positive integer (L)")
     n1 = tst.phase1_iterations(N)
-    if not 1 <= n1 <= N - 1:
-        if tst.phase1_iters is not None:
-            raise ValueError(
-                f"TSTBridgeConfig.phase1_iters={n1} must be between 1 and cfg.train.train_iters "
-                f"- 1 = {N - 1}; phase 1 of all steps leaves no recovery phase"
-            )
-        raise ValueError(
-            f"TSTBridgeConfig.phase1_fraction={tst.phase1_fraction} of cfg.train.train_iters={N} "
-            f"gives {n1} phase-1 iterations; it must give between 1 and {N - 1}: raise "
-            "train_iters, change phase1_fraction, or give phase1_iters"
-        )
-    s = tst.bag_size
-    if mtp_num_layers and s > 1:
-        raise ValueError(
-            f"cfg.model.mtp_num_layers={mtp_num_layers}: multi-token prediction re-embeds shifted "
-            "token ids and cannot run in the superposition phase; set cfg.model.mtp_num_layers = "
-            "None for the TST run (or use bag_size=1)"
-        )
-    tp, cp = tensor_model_parallel_size or 1, context_parallel_size or 1
-    if sequence_parallel and tp > 1 and L % tp:
-        raise ValueError(
-            f"cfg.model.seq_length={L} (latent positions) must be divisible by "
-            f"cfg.model.tensor_model_parallel_size={tp} under cfg.model.sequence_parallel=True: "
-            "sequence parallel splits the L latent positions over the tensor-parallel ranks; "
-            f"pick seq_length a multiple of {tp} or turn sequence_parallel off"
-        )
-    if cp > 1 and L % (2 * cp):
-        raise ValueError(
-            f"cfg.model.seq_length={L} must be divisible by 2 x cfg.model.context_parallel_size "
-            f"= {2 * cp}: context parallel splits the latent positions into 2*cp chunks so that "
-            f"no bag is cut; pick seq_length a multiple of {2 * cp}"
-        )
+    wsd_anneal, wsd_note = None, ""
     if lr_decay_style == "WSD":
         decay = max_steps or lr_decay_iters or N
-        wsd = lr_wsd_decay_iters if lr_wsd_decay_iters is not None else decay
-        if decay - wsd < n1:
-            unset = "" if lr_wsd_decay_iters is not None else " (unset: Bridge anneals over the whole decay)"
-            raise ValueError(
-                f"cfg.scheduler.lr_wsd_decay_iters={wsd}{unset} starts the WSD annealing at "
-                f"iteration {decay - wsd}, inside phase 1 (iterations 0..{n1}); set "
-                f"cfg.scheduler.lr_wsd_decay_iters to at most {decay - n1} (the paper anneals "
-                f"over the last 10% of all steps, e.g. {max(1, N // 10)})"
-            )
+        if lr_wsd_decay_iters is None:
+            wsd_anneal, wsd_note = (decay, decay), " (unset: Bridge anneals over the whole decay)"
+        else:
+            wsd_anneal = (decay, lr_wsd_decay_iters)
+    check_plan(
+        SettingNames(**_BRIDGE_SETTING_NAMES),
+        train_iters=N,
+        phase1_iters=n1,
+        phase1_fraction=None if tst.phase1_iters is not None else tst.phase1_fraction,
+        bag_size=tst.bag_size,
+        seq_length=L,
+        tensor_parallel=tensor_model_parallel_size,
+        sequence_parallel=sequence_parallel,
+        context_parallel=context_parallel_size,
+        mtp_num_layers=mtp_num_layers,
+        wsd_anneal=wsd_anneal,
+        wsd_note=wsd_note,
+    )
     return TSTRunPlan(
         tst=tst,
         run_dir=str(run_dir),

@@ -210,7 +210,12 @@ def test_bad_tst_settings_name_the_setting(kwargs, match):
          r"seq_length=10 .*tensor_model_parallel_size=4 under cfg\.model\.sequence_parallel"),
         ({}, dict(seq_length=6, context_parallel_size=2), r"2 x cfg\.model\.context_parallel_size = 4"),
         ({}, dict(train_iters=100, lr_decay_style="WSD", lr_wsd_decay_iters=80),
-         r"lr_wsd_decay_iters=80 .* iteration 20, inside phase 1 .* at most 70"),
+         r"lr_wsd_decay_iters=80 .* iteration 20 of a 100-iteration decay, inside phase 1 .* at most 70"),
+        # A decay shorter than the run: the annealing starts at 35 - 10 = 25, inside phase 1.
+        ({}, dict(train_iters=100, lr_decay_style="WSD", lr_wsd_decay_iters=10, lr_decay_iters=35),
+         r"iteration 25 of a 35-iteration decay, inside phase 1 .* at most 5"),
+        ({}, dict(train_iters=100, lr_decay_style="WSD", lr_wsd_decay_iters=10, lr_decay_iters=20),
+         r"cfg\.scheduler\.lr_decay_iters=20 ends the LR decay inside phase 1"),
         ({}, dict(train_iters=100, lr_decay_style="WSD"), r"lr_wsd_decay_iters=100 \(unset"),
     ],
 )

@@ -80,7 +80,10 @@ BAD_INPUTS = {
                           "--seq-length", "32"], "divisible by --tensor-model-parallel-size=3"),
     "L vs 2cp": (["--context-parallel-size", "3"], "divisible by 2 x --context-parallel-size = 6"),
     "warm-up past the schedule": (["--lr-warmup-iters", "10"], "--lr-warmup-iters=10 must be smaller"),
-    "decay inside phase 1": (["--lr-wsd-decay-iters", "9"], "would start the decay in phase 1"),
+    "decay inside phase 1": (["--lr-wsd-decay-iters", "9"],
+                             "starts the WSD annealing at iteration 1 of a 10-iteration decay, inside phase 1"),
+    "short decay anneals in phase 1": (["--lr-decay-iters", "4"],
+                                       "starts the WSD annealing at iteration 2 of a 4-iteration decay"),
     "tokenizer larger than model vocab": (["--vocab-size", "100"], "set --vocab-size"),
     "data path missing": (["--train-data-path", "/nonexistent/corpus"], "does not exist"),
     "tokenizer missing": (["--tst-tokenizer", "/nonexistent/tokenizer.json"], "does not exist"),
@@ -163,6 +166,17 @@ PREPARED = {
     "phase 2 with no phase-1 checkpoint": (phase2_without_phase1, "phase 2 needs phase 1's checkpoint"),
     "checkpoint past the plan's end": (checkpoint_past_the_end, "past the plan's end"),
 }
+
+
+def test_wsd_without_its_annealing_length_is_refused_before_any_work(small_data, tmp_path, capsys):
+    # Megatron's scheduler asserts on it only once the model is built.
+    argv = pretrain_args(small_data, tmp_path / "run")
+    at = argv.index("--lr-wsd-decay-iters")
+    del argv[at:at + 2]
+    assert main(argv) not in (0, None)
+    err = capsys.readouterr().err
+    assert "--lr-decay-style WSD needs --lr-wsd-decay-iters" in err, err
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS) + list(PREPARED) + list(OTHER_COMMANDS))

@@ -5,9 +5,13 @@ adding, at least, `--tst-bag-size`. Every other argument keeps its Megatron mean
 particular `--seq-length` is L, the number of latent positions the transformer runs on in both
 phases (phase-1 samples hold s*L text tokens), and `--train-iters` counts both phases.
 
-One WSD (or any) LR schedule spans the run: the plan pins `--lr-decay-iters` to the total
-iterations, so phase 1 (which stops at n1) and phase 2 (which resumes to N) carry identical
-schedule arguments and Megatron's resume check passes without `--override-opt-param-scheduler`.
+One WSD (or any) LR schedule spans the run: both phases carry the same `--train-iters N` and
+schedule arguments (phase 1 stops at n1 through `--exit-interval`), so Megatron's resume check
+passes without `--override-opt-param-scheduler`.
+
+`check_plan` holds the checks of a run's numbers that every integration needs (the Megatron-LM
+arguments here, the Megatron-Bridge adapter in `nemo_tst.bridge`); each passes `SettingNames`,
+how it spells the settings, so that an error names the setting the user wrote.
 """
 
 import argparse
@@ -17,7 +21,8 @@ from dataclasses import dataclass
 from nemo_tst.superposition.config import MODES, WEIGHTINGS, SuperpositionConfig
 
 __all__ = [
-    "PHASES", "TSTPlan", "add_tst_arguments", "check_runtime", "phase1_iterations", "plan_from_args",
+    "MEGATRON_NAMES", "PHASES", "SettingNames", "TSTPlan", "add_tst_arguments", "check_plan",
+    "check_runtime", "phase1_iterations", "plan_from_args",
 ]
 
 PHASES = ("both", "1", "2")
@@ -102,6 +107,109 @@ def phase1_iterations(train_iters: int, *, fraction: float, iters: int | None = 
     return iters if iters is not None else int(round(fraction * train_iters))
 
 
+@dataclass(frozen=True, kw_only=True)
+class SettingNames:
+    """How an integration spells the settings `check_plan` names in its errors."""
+
+    train_iters: str
+    phase1_iters: str
+    phase1_fraction: str
+    bag_size: str
+    seq_length: str
+    tensor_parallel: str
+    sequence_parallel: str
+    context_parallel: str
+    decay_iters: str
+    wsd_decay_iters: str
+    mtp_num_layers: str
+
+
+MEGATRON_NAMES = SettingNames(
+    train_iters="--train-iters",
+    phase1_iters="--tst-phase1-iters",
+    phase1_fraction="--tst-phase1-fraction",
+    bag_size="--tst-bag-size",
+    seq_length="--seq-length",
+    tensor_parallel="--tensor-model-parallel-size",
+    sequence_parallel="--sequence-parallel",
+    context_parallel="--context-parallel-size",
+    decay_iters="--lr-decay-iters",
+    wsd_decay_iters="--lr-wsd-decay-iters",
+    mtp_num_layers="--mtp-num-layers",
+)
+
+
+def check_plan(
+    names: SettingNames,
+    *,
+    train_iters: int,
+    phase1_iters: int,
+    phase1_fraction: float | None,
+    bag_size: int,
+    seq_length: int,
+    tensor_parallel: int = 1,
+    sequence_parallel: bool = False,
+    context_parallel: int = 1,
+    mtp_num_layers: int | None = None,
+    wsd_anneal: tuple[int, int] | None = None,
+    wsd_note: str = "",
+) -> None:
+    """The checks of a run's numbers that do not depend on the trainer. Raises ValueError
+    naming the setting (as `names` spells it) and the fix.
+
+    phase1_fraction: None when n1 was given explicitly. wsd_anneal: (decay length, annealing
+    length) in iterations for a WSD schedule, else None; the annealing starts at their
+    difference and must not start inside phase 1 (the paper anneals over the last 10%).
+    """
+    N, n1, L = train_iters, phase1_iters, seq_length
+    if not 1 <= n1 <= N - 1:
+        if phase1_fraction is None:
+            raise ValueError(
+                f"{names.phase1_iters}={n1} must be between 1 and {names.train_iters} - 1 = "
+                f"{N - 1}; phase 1 of 0 or all steps leaves no superposition or no recovery"
+            )
+        raise ValueError(
+            f"{names.phase1_fraction}={phase1_fraction} of {names.train_iters}={N} gives {n1} "
+            f"phase-1 iterations; it must give between 1 and {N - 1}: raise "
+            f"{names.train_iters}, change {names.phase1_fraction}, or give {names.phase1_iters}"
+        )
+    if mtp_num_layers and bag_size > 1:
+        raise ValueError(
+            f"{names.mtp_num_layers}={mtp_num_layers}: multi-token prediction re-embeds shifted "
+            f"token ids and cannot run in the superposition phase; unset {names.mtp_num_layers} "
+            f"for the TST run, or use {names.bag_size}=1"
+        )
+    tp, cp = tensor_parallel or 1, context_parallel or 1
+    if sequence_parallel and tp > 1 and L % tp:
+        raise ValueError(
+            f"{names.seq_length}={L} (latent positions) must be divisible by "
+            f"{names.tensor_parallel}={tp} under {names.sequence_parallel}: sequence parallel "
+            f"splits the L latent positions over the tensor-parallel ranks; pick "
+            f"{names.seq_length} a multiple of {tp} or turn sequence parallel off"
+        )
+    if cp > 1 and L % (2 * cp):
+        raise ValueError(
+            f"{names.seq_length}={L} must be divisible by 2 x {names.context_parallel} = "
+            f"{2 * cp}: context parallel splits the latent positions into 2*cp chunks so that "
+            f"no bag is cut; pick {names.seq_length} a multiple of {2 * cp}"
+        )
+    if wsd_anneal is not None:
+        decay, anneal = wsd_anneal
+        if decay <= n1:
+            raise ValueError(
+                f"{names.decay_iters}={decay} ends the LR decay inside phase 1 (iterations "
+                f"0..{n1}): one WSD schedule spans both phases; set {names.decay_iters} to "
+                f"{names.train_iters} ({N}) or leave it unset"
+            )
+        if decay - anneal < n1:
+            raise ValueError(
+                f"{names.wsd_decay_iters}={anneal}{wsd_note} starts the WSD annealing at "
+                f"iteration {decay - anneal} of a {decay}-iteration decay, inside phase 1 "
+                f"(iterations 0..{n1}); set {names.wsd_decay_iters} to at most {decay - n1} "
+                f"(the paper anneals over the last 10% of all steps, e.g. {max(1, N // 10)})"
+            )
+
+
 def plan_from_args(args: argparse.Namespace) -> TSTPlan:
     """Validate the TST arguments against Megatron's and return the plan.
 
@@ -131,12 +239,7 @@ def plan_from_args(args: argparse.Namespace) -> TSTPlan:
         )
     N = args.train_iters
     if args.tst_phase1_iters is not None:
-        n1 = args.tst_phase1_iters
-        if not 1 <= n1 < N:
-            raise ValueError(
-                f"--tst-phase1-iters={n1} must be between 1 and --train-iters - 1 = {N - 1}; "
-                "phase 1 of 0 or all steps leaves no superposition or no recovery"
-            )
+        n1, r = args.tst_phase1_iters, None
     else:
         r = args.tst_phase1_fraction
         if not (isinstance(r, float) and math.isfinite(r) and 0.0 < r < 1.0):
@@ -144,36 +247,38 @@ def plan_from_args(args: argparse.Namespace) -> TSTPlan:
                 f"--tst-phase1-fraction={r} must lie strictly between 0 and 1 (paper: 0.2-0.4)"
             )
         n1 = phase1_iterations(N, fraction=r)
-        if not 1 <= n1 < N:
-            raise ValueError(
-                f"--tst-phase1-fraction={r} of --train-iters={N} gives {n1} phase-1 iterations; "
-                f"it must give between 1 and {N - 1}: raise --train-iters or change r"
-            )
 
-    decay = args.lr_decay_iters or N
+    decay = args.lr_decay_iters or N  # Megatron's default decay length
     if args.lr_warmup_iters and args.lr_warmup_iters >= decay:
         raise ValueError(
             f"--lr-warmup-iters={args.lr_warmup_iters} must be smaller than the decay length "
             f"({decay} iterations): the one LR schedule spans both phases"
         )
-    wsd = getattr(args, "lr_wsd_decay_iters", None)
-    if args.lr_decay_style == "WSD" and wsd and wsd > N - n1:
-        raise ValueError(
-            f"--lr-wsd-decay-iters={wsd} would start the decay in phase 1; the paper decays over "
-            f"the last 10% of all steps: use at most {N - n1}"
-        )
+    wsd_anneal = None
+    if args.lr_decay_style == "WSD":
+        anneal = getattr(args, "lr_wsd_decay_iters", None)
+        if anneal is None:
+            # Megatron's scheduler asserts on it, but only after the model is built.
+            raise ValueError(
+                "--lr-decay-style WSD needs --lr-wsd-decay-iters (the annealing length); the "
+                f"paper anneals over the last 10% of all steps: --lr-wsd-decay-iters {max(1, N // 10)}"
+            )
+        wsd_anneal = (decay, anneal)
     L = args.seq_length
     tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
-    if args.sequence_parallel and L % tp:
-        raise ValueError(
-            f"--seq-length={L} (latent positions) must be divisible by "
-            f"--tensor-model-parallel-size={tp} under --sequence-parallel"
-        )
-    if cp > 1 and L % (2 * cp):
-        raise ValueError(
-            f"--seq-length={L} must be divisible by 2 x --context-parallel-size = {2 * cp}: "
-            "context parallel splits the latent positions into 2*cp chunks so no bag is cut"
-        )
+    check_plan(
+        MEGATRON_NAMES,
+        train_iters=N,
+        phase1_iters=n1,
+        phase1_fraction=r,
+        bag_size=superposition.bag_size,
+        seq_length=L,
+        tensor_parallel=tp,
+        sequence_parallel=args.sequence_parallel,
+        context_parallel=cp,
+        mtp_num_layers=getattr(args, "mtp_num_layers", None),
+        wsd_anneal=wsd_anneal,
+    )
     if getattr(args, "fp8", None):
         # Transformer Engine's FP8 GEMMs need the tokens of a micro-batch on a rank to be a
         # multiple of 16 (32 for MXFP8); in phase 1 those are latent positions, as in phase 2.
@@ -187,11 +292,6 @@ def plan_from_args(args: argparse.Namespace) -> TSTPlan:
                 f"--micro-batch-size {args.micro_batch_size}) to be a multiple of {multiple}: "
                 "pick --seq-length or --micro-batch-size accordingly"
             )
-    if getattr(args, "mtp_num_layers", None) and superposition.bag_size > 1:
-        raise ValueError(
-            "multi-token prediction (--mtp-num-layers) cannot run in the superposition phase; "
-            "remove it, or use --tst-bag-size 1"
-        )
     return TSTPlan(
         superposition=superposition,
         seq_length=L,
