@@ -62,8 +62,8 @@ SIZES = {
     # The shape of shared/notes/measured-on-h100.md: ~114 ms/step, far beyond a 25-minute budget.
     "note": dict(layers=12, hidden=768, heads=12, ffn=2048, seq=512, mbs=32, gbs=32, lr=1.0e-3,
                  eval_iters=20, vocab=16384, corpus_bytes=None),
-    # The CPU demo's model (conf/demo.yaml "cpu"): with --steps 8000 the four runs take about an
-    # hour on 2 cores, long enough for the recovery phase; the GPU sizes are out of reach there.
+    # The CPU demo's model (conf/demo.yaml "cpu"): with --steps 8000 the four runs take about 70
+    # minutes on 2 cores, long enough for the recovery phase; the GPU sizes are out of reach there.
     "cpu": dict(layers=4, hidden=128, heads=4, ffn=344, seq=64, mbs=16, gbs=16, lr=2.0e-3,
                 eval_iters=8, vocab=4096, corpus_bytes=80_000_000),
     # CPU smoke test: checks the pipeline, not the method (40 steps cannot show TST's gain).
