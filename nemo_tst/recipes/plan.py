@@ -31,14 +31,13 @@ def check_recipe(recipe: TSTRecipe, *, local: bool):
     checked where the job runs: data and tokenizer on disk, Transformer Engine for FP8, the
     GPU generation for MXFP8, and the run directory (the same checks as `nemo-tst pretrain`).
     Returns (Megatron args namespace, TSTPlan). Raises ValueError naming the fix."""
-    from nemo_tst.training.arguments import check_runtime, plan_from_args
-    from nemo_tst.training.driver import (
-        check_data_and_tokenizer, check_parallel_layout, parse_megatron_args, phase_commands,
-    )
+    from nemo_tst.training.arguments import plan_from_args
+    from nemo_tst.training.driver import check_before_launch, check_parallel_layout, parse_megatron_args
 
     if recipe.parallel.num_gpus < 1:
         raise ValueError(f"parallel.num_gpus={recipe.parallel.num_gpus} must be at least 1")
-    args = parse_megatron_args(recipe.megatron_args())
+    argv = recipe.megatron_args()
+    args = parse_megatron_args(argv)
     plan = plan_from_args(args)
     check_parallel_layout(args, recipe.parallel.num_gpus)
     if local:
@@ -48,9 +47,7 @@ def check_recipe(recipe: TSTRecipe, *, local: bool):
         if not recipe.data.prefix:
             raise ValueError("data.prefix is not set: data.prefix=PREFIX as written by "
                              "`nemo-tst preprocess --output-prefix PREFIX`")
-        check_data_and_tokenizer(args, plan)
-        check_runtime(args)
-        phase_commands(recipe.megatron_args(), args, plan)  # refuses foreign checkpoints
+        check_before_launch(argv, args, plan, recipe.parallel.num_gpus)  # as nemo-tst pretrain
     return args, plan
 
 

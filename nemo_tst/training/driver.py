@@ -30,7 +30,7 @@ from typing import Optional
 from nemo_tst.training.arguments import TSTPlan, add_tst_arguments, check_runtime, plan_from_args
 
 __all__ = [
-    "count_tokens", "latest_iteration", "parse_megatron_args", "phase_argv", "phase_commands",
+    "check_before_launch", "count_tokens", "latest_iteration", "parse_megatron_args", "phase_argv", "phase_commands",
     "resolve_phase_start", "run",
 ]
 
@@ -334,19 +334,10 @@ def launch_command(nproc: int, megatron_argv: list[str]) -> list[str]:
     ]
 
 
-def run(argv: list[str], *, nproc: int = 1, log_file: Optional[Path] = None) -> TSTPlan:
-    """Plan, validate, then run (or resume) the phases still to do, each via torchrun."""
-    args = parse_megatron_args(argv)
-    if args.tokenizer_type is None and args.tst_tokenizer and Path(args.tst_tokenizer).is_file():
-        # The data's tokenizer sizes the model: Megatron only needs the vocabulary size.
-        from nemo_tst.data.tokenizer import HFTokenizer
-
-        vocab = HFTokenizer.from_file(args.tst_tokenizer).vocab_size
-        argv = [*argv, "--tokenizer-type", "NullTokenizer"]
-        if args.vocab_size is None:
-            argv += ["--vocab-size", str(vocab)]
-        args = parse_megatron_args(argv)
-    plan = plan_from_args(args)
+def check_before_launch(argv: list[str], args, plan: TSTPlan, nproc: int) -> list[tuple[int, list[str]]]:
+    """Every check a run passes on the machine that launches it, before anything is written:
+    nemo-tst's own arguments, the parallel layout, data and tokenizer, the checkpoints on disk,
+    what this machine provides. Returns the phases still to run (`phase_commands`)."""
     if args.exit_interval:
         raise ValueError("--exit-interval is set by nemo-tst to end phase 1; remove it")
     if not args.save:
@@ -360,6 +351,23 @@ def run(argv: list[str], *, nproc: int = 1, log_file: Optional[Path] = None) -> 
     check_data_and_tokenizer(args, plan)
     commands = phase_commands(argv, args, plan)  # validates the checkpoints on disk
     check_runtime(args)
+    return commands
+
+
+def run(argv: list[str], *, nproc: int = 1, log_file: Optional[Path] = None) -> TSTPlan:
+    """Plan, validate, then run (or resume) the phases still to do, each via torchrun."""
+    args = parse_megatron_args(argv)
+    if args.tokenizer_type is None and args.tst_tokenizer and Path(args.tst_tokenizer).is_file():
+        # The data's tokenizer sizes the model: Megatron only needs the vocabulary size.
+        from nemo_tst.data.tokenizer import HFTokenizer
+
+        vocab = HFTokenizer.from_file(args.tst_tokenizer).vocab_size
+        argv = [*argv, "--tokenizer-type", "NullTokenizer"]
+        if args.vocab_size is None:
+            argv += ["--vocab-size", str(vocab)]
+        args = parse_megatron_args(argv)
+    plan = plan_from_args(args)
+    commands = check_before_launch(argv, args, plan, nproc)
     claim_run_directory(Path(args.save), args, plan)  # the first write, after every check
     env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1", PYTHONUNBUFFERED="1")
     for phase, extra in commands:
