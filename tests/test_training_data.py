@@ -120,3 +120,95 @@ def test_a_plan_larger_than_the_corpus_warns_or_fails_when_strict(caplog):
     assert message and "tokens will repeat" in message
     with pytest.raises(ValueError, match="--tst-strict-data"):
         check_corpus_budget(plan, 8000, strict=True)
+
+
+def item_of_token(items, plan) -> dict:
+    """Which item each (unique) input token belongs to, read off the items themselves (an
+    item's last text token is the next item's first, so only inputs identify an item)."""
+    owner = {}
+    for i in range(items_needed(plan)):
+        for t in items[i]["tokens"]:
+            if t != EOD:
+                assert int(t) not in owner
+                owner[int(t)] = i
+    return owner
+
+
+def global_batches(plan, dataset_len, micro_batch_size, dp, consumed=0):
+    """The sample indices of each global batch, as Megatron's pretraining sampler deals them
+    to `dp` data-parallel ranks (each rank's micro-batches, gathered per global batch)."""
+    from megatron.training.datasets.data_samplers import MegatronPretrainingSampler
+
+    total = plan.train_iters * plan.global_batch_size
+    per_rank = [iter(MegatronPretrainingSampler(total, consumed, micro_batch_size, r, dp))
+                for r in range(dp)]
+    steps_left = (total - consumed) // plan.global_batch_size
+    micro_per_step = plan.global_batch_size // (micro_batch_size * dp)
+    batches = []
+    for _ in range(steps_left):
+        batch = []
+        for _ in range(micro_per_step):
+            for it in per_rank:
+                batch += next(it)
+        batches.append(sorted(batch))
+    assert all(j < dataset_len for b in batches for j in b)
+    return batches
+
+
+@pytest.mark.parametrize("s,gbs,mbs,dp,N,n1", [
+    (4, 8, 2, 2, 24, 7),   # B a multiple of s
+    (3, 8, 4, 1, 24, 5),   # B not a multiple of s
+    (6, 4, 1, 2, 30, 9),   # s > B
+    (2, 6, 3, 2, 20, 6),
+])
+def test_every_phase2_global_batch_holds_distinct_items(corpus, tmp_path, s, gbs, mbs, dp, N, n1):
+    """The baseline's global batch is B independent windows; phase 2's must be too, not B / s
+    texts each cut into s adjacent windows."""
+    prefix, vocab = corpus
+    plan = make_plan(s=s, L=8, gbs=gbs, N=N, n1=n1)
+    items = build_items(prefix, vocab, plan, tmp_path)
+    data = TSTTrainDataset(items, plan)
+    owner = item_of_token(items, plan)
+    batches = global_batches(plan, len(data), mbs, dp)
+    assert len(batches) == N
+    for step, batch in enumerate(batches[n1:], start=n1):
+        item_ids = []
+        for j in batch:
+            tokens = [int(t) for t in data[j]["tokens"] if t != EOD]
+            sample_items = {owner[t] for t in tokens}
+            assert len(sample_items) == 1, "a phase-2 sample spans two items"
+            item_ids += sample_items
+        assert len(set(item_ids)) == gbs, f"step {step}: only {len(set(item_ids))} distinct items"
+
+
+def test_a_resumed_sampler_reads_the_samples_of_the_uninterrupted_run(corpus, tmp_path):
+    prefix, vocab = corpus
+    plan = make_plan(s=4, L=8, gbs=8, N=24, n1=7)
+    data = TSTTrainDataset(build_items(prefix, vocab, plan, tmp_path), plan)
+    whole = global_batches(plan, len(data), 2, 2)
+    for stop in (3, 7, 8, 15):  # inside phase 1, at the switch, inside phase 2
+        resumed = global_batches(plan, len(data), 2, 2, consumed=stop * plan.global_batch_size)
+        assert resumed == whole[stop:]
+        for a, b in zip(whole[stop:stop + 2], resumed[:2]):
+            assert all(np.array_equal(data[i]["tokens" if "tokens" in data[i] else "text"],
+                                      data[k]["tokens" if "tokens" in data[k] else "text"])
+                       for i, k in zip(a, b))
+
+
+def test_the_baseline_mapping_is_the_identity(corpus, tmp_path):
+    """s = 1: sample j is item j in both phases, so a baseline reads what plain Megatron reads."""
+    prefix, vocab = corpus
+    plan = make_plan(s=1, L=16, gbs=4, N=40, n1=12)
+    items = build_items(prefix, vocab, plan, tmp_path)
+    data = TSTTrainDataset(items, plan)
+    assert len(data) == len(items)
+    for j in range(plan.train_iters * plan.global_batch_size):
+        item = items[j]
+        sample = data[j]
+        if j < plan.phase1_samples:
+            text = np.concatenate([item["tokens"], item["labels"][-1:]])
+            assert np.array_equal(sample["text"].numpy(), text)
+        else:
+            assert np.array_equal(sample["tokens"].numpy(), item["tokens"])
+            assert np.array_equal(sample["labels"].numpy(), item["labels"])
+            assert np.array_equal(sample["loss_mask"].numpy(), item["loss_mask"])

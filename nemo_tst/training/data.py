@@ -2,23 +2,43 @@
 
 Both phases read the same stream of *items*: windows of `pieces * (L + 1)` text tokens that
 Megatron's `GPTDataset` cuts (documents packed, shuffled per epoch, blended across corpora,
-index cached: all of that is Megatron's). Training sample j maps to text like this:
+index cached: all of that is Megatron's). `pieces = ceil(sample_length / (L + 1))` (= s for
+full TST), so one phase-1 sample and `pieces` phase-2 samples cover the same window.
 
-    j <  P1 (phase 1, P1 = n1 * global batch):  item j, its first sample_length tokens
-                                                (s*L + s for full TST: exactly one item)
-    j >= P1 (phase 2):                          item P1 + (j - P1) // pieces,
-                                                piece (j - P1) % pieces of L + 1 tokens
+Phase 1 (samples j < P1, P1 = n1 * global batch): sample j is item j, its first
+sample_length tokens (s*L + s for full TST: exactly one item).
 
-`pieces = ceil(sample_length / (L + 1))` (= s for full TST), so a phase-1 sample and `pieces`
-phase-2 samples cover the same window. The phase is therefore a function of the sample index,
-and Megatron's sampler resumes at `consumed_train_samples`: a resumed run, in either phase,
-reads exactly the samples the uninterrupted run would have.
+Phase 2 reads the M = ceil(phase-2 samples / pieces) items after phase 1's in `pieces`
+passes: pass c reads piece c (L + 1 tokens) of every one of the M items, in item order.
+
+    q = j - P1 (phase-2 sample),  pass, k = divmod(q, M):  item P1 + k, piece = pass
+
+Why passes, and not an item's pieces side by side: Megatron's sampler forms each global
+batch of B samples from B consecutive sample indices. Read piece by piece (item P1 + q //
+pieces, piece q % pieces), a global batch would hold only B / s items, each cut into s
+adjacent windows of the same text: fewer independent windows per batch than the baseline's
+B, noisier gradients for the whole recovery phase. With passes, every phase-2 global batch
+holds B distinct items (as long as M >= B) and consecutive batches hold other items too, as
+in the baseline, whose batches are B random windows each. Interleaving only within blocks of
+B items (each item's pieces read on s consecutive steps) also gives B distinct items per
+batch, but consecutive batches then read adjacent text of the same documents, and a final
+short block repeats items within a batch. Measured through the trainer on the CPU demo's
+model (s = 4, 3,000 steps, docs/benchmarks.md): final held-out loss 3.746 with passes, 3.921
+with blocks of B, 3.933 side by side, 3.705 for the baseline. Items past the plan's M
+(GPTDataset indexes whole epochs) are read piece by piece after the passes; the plan never
+asks for them.
+
+The phase and the text of sample j are a function of j and the plan alone, and Megatron's
+sampler resumes at `consumed_train_samples`: a resumed run, in either phase, reads exactly
+the samples the uninterrupted run would have. With s = 1 (pieces = 1) phase 2's sample j is
+item j: the mapping is the identity, and a baseline reads what plain Megatron reads.
 
 Guarantee: within one epoch of the corpus no text token is an input twice, across both
 phases: items are disjoint windows (their last token is shared with the next item only as a
-target), phase 2 starts at the first item phase 1 did not read, and every item is read once.
-When the plan needs more items than one epoch holds, Megatron starts a new shuffled epoch
-(tokens repeat); `check_corpus_budget` warns, or fails under `--tst-strict-data`.
+target), phase 2 starts at the first item phase 1 did not read, and each (item, piece) is
+read once. When the plan needs more items than one epoch holds, Megatron starts a new
+shuffled epoch (tokens repeat); `check_corpus_budget` warns, or fails under
+`--tst-strict-data`.
 
 Validation is ordinary next-token data (GPTDataset at sequence length L) in both phases, so
 the curves of TST and baseline runs compare directly.
@@ -33,7 +53,9 @@ import torch
 
 from nemo_tst.training.arguments import TSTPlan
 
-__all__ = ["TSTTrainDataset", "check_corpus_budget", "items_needed", "pieces_per_item"]
+__all__ = [
+    "TSTTrainDataset", "check_corpus_budget", "items_needed", "phase2_item_and_piece", "pieces_per_item",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -48,10 +70,27 @@ def item_sequence_length(plan: TSTPlan) -> int:
     return pieces_per_item(plan) * (plan.seq_length + 1) - 1
 
 
+def phase2_items(plan: TSTPlan) -> int:
+    """M: the items phase 2 reads, `pieces` samples each."""
+    return math.ceil(plan.phase2_iters * plan.global_batch_size / pieces_per_item(plan))
+
+
 def items_needed(plan: TSTPlan) -> int:
     """Items the whole plan reads (both phases)."""
-    phase2_samples = plan.phase2_iters * plan.global_batch_size
-    return plan.phase1_samples + math.ceil(phase2_samples / pieces_per_item(plan))
+    return plan.phase1_samples + phase2_items(plan)
+
+
+def phase2_item_and_piece(q: int, plan: TSTPlan) -> tuple[int, int]:
+    """(item, piece) of phase-2 sample q (= j - P1), the item counted from phase 2's first.
+
+    The first M * pieces samples are `pieces` passes over the M items of the plan (pass c
+    reads piece c of each); samples after those read the remaining items piece by piece."""
+    pieces, M = pieces_per_item(plan), phase2_items(plan)
+    if q < M * pieces:
+        piece, item = divmod(q, M)
+        return item, piece
+    item, piece = divmod(q - M * pieces, pieces)
+    return M + item, piece
 
 
 def check_corpus_budget(plan: TSTPlan, corpus_tokens: int, *, strict: bool) -> Optional[str]:
@@ -107,8 +146,8 @@ class TSTTrainDataset(torch.utils.data.Dataset):
             text, loss_mask = self._item_text(j)
             n = self.sample_length
             return {"text": torch.from_numpy(text[:n]), "loss_mask": torch.from_numpy(loss_mask[: n - 1])}
-        q, piece = divmod(j - P1, self.pieces)
-        text, loss_mask = self._item_text(P1 + q)
+        item, piece = phase2_item_and_piece(j - P1, self.plan)
+        text, loss_mask = self._item_text(P1 + item)
         start = piece * (L + 1)
         window = text[start : start + L + 1]
         return {
@@ -118,11 +157,3 @@ class TSTTrainDataset(torch.utils.data.Dataset):
             "loss_mask": torch.from_numpy(loss_mask[start : start + L].copy()),
             "position_ids": torch.arange(L, dtype=torch.int64),
         }
-
-    def text_span(self, j: int) -> tuple[int, int, int]:
-        """(item, first, last+1) offsets inside the item of sample j's *input* tokens."""
-        P1, L = self.plan.phase1_samples, self.plan.seq_length
-        if j < P1:
-            return j, 0, self.plan.superposition.text_tokens_per_sample(L)
-        q, piece = divmod(j - P1, self.pieces)
-        return P1 + q, piece * (L + 1), piece * (L + 1) + L
