@@ -10,6 +10,9 @@
     nemo-tst run --factory RECIPE[(gpus=G, precision=P)] [recipe.section.field=value ...]
                  [run.executor=local|slurm|docker run.executor.FIELD=value ...] [--dryrun] [--yes]
                  NeMo-Run: phase 1 then phase 2 as a two-stage experiment
+    nemo-tst export-hf RUN_DIR OUT [--iteration N] [--dtype bf16|fp32] [--allow-phase1]
+                       [--overwrite] [--tokenizer tokenizer.json]
+                 the trained model as a Hugging Face checkpoint (LlamaForCausalLM, Qwen3-MoE)
 
 Every command validates its input before doing expensive work and exits non-zero with a
 message naming the setting to fix.
@@ -37,11 +40,23 @@ def _pretrain(rest: list[str]) -> None:
     parser.add_argument("--nproc-per-node", type=int, default=1,
                         help="Processes (GPUs, or CPU ranks with --tst-cpu) on this machine.")
     parser.add_argument("--log-file", type=Path, default=None,
-                        help="Append the trainer's output here instead of the terminal.")
+                        help="Append the trainer's whole output here (default: SAVE/train.log) and "
+                             "keep it off the terminal (default: the terminal shows its progress lines).")
     opts, megatron_argv = parser.parse_known_args(rest)
     from nemo_tst.training.driver import run
+    from nemo_tst.training.logs import is_progress_line
 
-    plan = run(megatron_argv, nproc=opts.nproc_per_node, log_file=opts.log_file)
+    def echo(line: str) -> None:
+        if is_progress_line(line):
+            sys.stdout.write(line)
+            sys.stdout.flush()
+
+    plan = run(megatron_argv, nproc=opts.nproc_per_node, log_file=opts.log_file,
+               on_line=None if opts.log_file else echo)
+    if plan.superposition.bag_size == 1:
+        print(f"[nemo-tst] done: {plan.train_iters} iterations of ordinary training (s=1, one launch); "
+              f"{plan.text_tokens_after(plan.train_iters):,} text tokens")
+        return
     print(
         f"[nemo-tst] done: {plan.phase1_iters} phase-1 iterations (s={plan.superposition.bag_size})"
         f" + {plan.phase2_iters} phase-2 iterations; "
@@ -118,8 +133,32 @@ def _run(rest: list[str]) -> None:
     run_main(rest)
 
 
+def _export_hf(rest: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="nemo-tst export-hf",
+        description="Write a TST run's trained model as a Hugging Face transformers checkpoint "
+        "(config.json, model.safetensors, generation_config.json, the tokenizer).",
+    )
+    parser.add_argument("run_dir", type=Path, help="the run's --save directory")
+    parser.add_argument("out", type=Path, help="directory to write (absent or empty)")
+    parser.add_argument("--iteration", type=int, default=None,
+                        help="checkpoint to export (default: phase 2's final one)")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="fp32")
+    parser.add_argument("--allow-phase1", action="store_true",
+                        help="accept a phase-1 checkpoint for --iteration")
+    parser.add_argument("--overwrite", action="store_true", help="replace an export in OUT")
+    parser.add_argument("--tokenizer", type=Path, default=None,
+                        help="tokenizer.json to ship (default: the run's --tst-tokenizer)")
+    opts = parser.parse_args(rest)
+    from nemo_tst.export import export_hf
+
+    out = export_hf(opts.run_dir, opts.out, iteration=opts.iteration, dtype=opts.dtype,
+                    allow_phase1=opts.allow_phase1, overwrite=opts.overwrite, tokenizer=opts.tokenizer)
+    print(f"[nemo-tst] wrote {out}: AutoModelForCausalLM.from_pretrained({str(out)!r})")
+
+
 COMMANDS = {"pretrain": _pretrain, "preprocess": _preprocess, "demo": _demo, "plan": _plan,
-            "recipes": _recipes, "run": _run}
+            "recipes": _recipes, "run": _run, "export-hf": _export_hf}
 
 
 def main(argv: list[str] | None = None) -> int:

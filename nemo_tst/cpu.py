@@ -107,14 +107,20 @@ C. Replaced functions
    trainer only:
    training/initialize.py:42-66 `initialize_megatron` (and training.py's by-name import):
        allow_no_cuda=True (pretrain passes nothing, so it asserts torch.cuda.is_available())
-   training/initialize.py:497-558 `_warmup_jit_function`: run with the CPU generator forked
-       (its torch.rand(..., device="cuda") sized by TP would shift the CPU-init weights)
+   training/initialize.py:497-558 `_warmup_jit_function`: skipped (on CPU it compiled, with
+       inductor and a C++ compiler, fused functions the CPU arguments never call, ~2 s a launch;
+       its torch.rand(..., device="cuda") sized by TP would also shift the CPU-init weights)
    training/utils/common_utils.py:502-504 `get_device_arch_version` (and arguments.py's and
        training.utils' by-name imports) -> 0 (it reads cuda:0's properties)
    core/datasets/utils.py:20-30 `compile_helpers`: skip `make` when the shipped helpers_cpp
        extension imports (the wheel has no Makefile)
    core/transformer/module.py MegatronModule.cuda -> returns self (training.py:1818 calls
        model.cuda(current_device()))
+   core/dist_checkpointing/strategies/torch.py:725 `TorchDistSaveShardedStrategy.save` (the
+       synchronous torch_dist save) and filesystem_async.py:53 `get_write_results_queue`: the
+       writers' results go through an in-process queue.Queue during a synchronous save instead
+       of a "spawn" multiprocessing Manager (a fresh interpreter importing torch, seconds of CPU
+       at each launch's first save); --async-save keeps the Manager. Speed only, not a blocker.
    core/optimizer/distrib_optimizer.py (only without Apex/TE, i.e. always on CPU):
        `sharded_state_dict(is_loading=True)` first fills empty optimizer state with
        Megatron's dummy step (837-839 assert otherwise, before the first step);
@@ -128,6 +134,8 @@ import contextlib
 import functools
 import importlib
 import logging
+import queue
+import threading
 import types
 from typing import Any, Callable, Optional
 
@@ -602,12 +610,16 @@ def _get_device_arch_version():
 
 @_replace("megatron.training.initialize", "_warmup_jit_function", trainer=True)
 def _warmup_jit_function(*args, **kwargs):
-    """The JIT warm-up draws `torch.rand(..., device="cuda")` sized by TP (initialize.py:497-558).
-    On a GPU that moves the CUDA generator; on CPU it would move the CPU generator that
-    `--use-cpu-initialization` draws the weights from, making the initial model depend on TP.
-    Run it with the CPU generator forked, as it would be on a GPU."""
-    with torch.random.fork_rng(devices=[]):
-        return _warmup_jit_function.__wrapped__(*args, **kwargs)
+    """Skip the JIT warm-up (initialize.py:497-558) on CPU.
+
+    On a GPU it compiles the fused bias-GeLU/SwiGLU and bias-dropout-add functions (torch.compile
+    in megatron-core 0.19) before the first step. On CPU that compile runs inductor and a C++
+    compiler, about 2 s of CPU a launch, for functions the CPU arguments never call (bias-free
+    linears, --no-bias-dropout-fusion); whatever a model does call compiles at its first call,
+    to the same kernels. Skipping it also keeps the guarantee the warm-up would otherwise break
+    here: its `torch.rand(..., device="cuda")` would draw from the CPU generator that
+    `--use-cpu-initialization` draws the weights from, making the initial model depend on TP."""
+    return None
 
 
 def _distopt_sharded_state_dict(self, model_sharded_state_dict=None, is_loading=False, **kwargs):
@@ -653,6 +665,34 @@ def _set_main_param_and_optimizer_states(self, *args, **kwargs):
     `copy_` at distrib_optimizer.py:1225 raises outside no_grad (bf16 params are unaffected)."""
     with torch.no_grad():
         return _set_main_param_and_optimizer_states.__wrapped__(self, *args, **kwargs)
+
+
+_SYNC_SAVE = threading.local()
+
+
+def _torch_dist_save(self, sharded_state_dict, checkpoint_dir):
+    """TorchDistSaveShardedStrategy.save (the synchronous torch_dist save), its writers'
+    results collected in this process.
+
+    The synchronous save runs Megatron's async machinery in the calling process
+    (torch.py:725-729), whose writer asks for a result queue from a multiprocessing Manager
+    started with "spawn" (filesystem_async.py:53-66): a fresh interpreter that imports torch and
+    the trainer's main module, seconds of CPU at each launch's first save, for a queue that one
+    thread of this process puts into and the same process reads. During a synchronous save the
+    writer gets a `queue.Queue` instead; asynchronous saves (--async-save) keep the Manager."""
+    _SYNC_SAVE.active = True
+    try:
+        return _torch_dist_save.__wrapped__(self, sharded_state_dict, checkpoint_dir)
+    finally:
+        _SYNC_SAVE.active = False
+
+
+def _write_results_queue(*args, **kwargs):
+    """filesystem_async.get_write_results_queue: an in-process queue inside a synchronous save
+    (`_torch_dist_save`), else Megatron's Manager queue."""
+    if getattr(_SYNC_SAVE, "active", False):
+        return queue.Queue()
+    return _write_results_queue.__wrapped__(*args, **kwargs)
 
 
 def _module_cpu(self, device=None):
@@ -710,6 +750,11 @@ def _enable_trainer() -> None:
     from megatron.core.transformer.module import MegatronModule
 
     _patch(MegatronModule, "cuda", _module_cpu)
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    _patch(TorchDistSaveShardedStrategy, "save", _torch_dist_save)
+    _patch(filesystem_async, "get_write_results_queue", _write_results_queue)
     _TRAINER_ENABLED = True
 
 

@@ -88,6 +88,23 @@ def test_slurm_sbatch_for_the_moe_recipe_on_64_gpus(tmp_path):
     assert "--exit-interval" not in p2
 
 
+def test_a_baseline_recipe_is_one_stage(tmp_path):
+    """tst.bag_size=1 has no superposition phase: one stage, phase 2, all N iterations."""
+    recipe = load_recipe("tst_tiny", overrides=["run_dir=/ckpt/base", "data.prefix=/data/d", "tst.bag_size=1"])
+    executor = fdl.build(slurm_executor(account="acct", partition="batch", job_dir=str(tmp_path)))
+    exp = two_phase_experiment(recipe, executor)
+    with exp:
+        add_phases(exp, recipe, check_recipe(recipe, local=False)[1])
+        exp.dryrun(log=False, delete_exp_dir=False)
+        jobs = {job.id: job for job in exp.jobs}
+    assert list(jobs) == ["phase2"] and jobs["phase2"].dependencies == []
+    launch = next(line for line in (Path(exp._exp_dir) / "phase2_sbatch.sh").read_text().splitlines()
+                  if "torchrun" in line)
+    argv = _argv_of(launch)
+    assert argv[argv.index("--tst-phase") + 1] == "2" and "--exit-interval" not in argv
+    assert argv[argv.index("--save") + 1] == argv[argv.index("--load") + 1] == "/ckpt/base/phase2"
+
+
 def test_docker_commands(tmp_path, capsys):
     recipe = load_recipe("tst_llama3_270m", gpus=8,
                          overrides=["run_dir=/ckpt/a", "data.prefix=/data/d", "precision=fp8_delayed"])

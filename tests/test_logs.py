@@ -27,3 +27,20 @@ def test_process_start_shared_with_another_ranks_output():
 def test_tst_loss_is_the_phase_1_loss():
     log = parse_training_log("\n".join(["training ...", _line(1, 7.0, key="tst loss")]))
     assert log.loss(1) == 7.0
+
+
+def test_a_loss_key_no_longer_reported_is_not_read_as_zero():
+    """One launch through both code paths (s = 1): after phase 1, Megatron keeps printing its
+    "tst loss" key as 0; the loss of those iterations is the next-token one."""
+    stale = _line(5, 6.0).replace("| loss scale", "| tst loss: 0.000000E+00 | loss scale")
+    log = parse_training_log("\n".join(["training ...", _line(4, 7.0, key="tst loss"), _line(5, 6.0), stale]))
+    assert log.loss(4) == 7.0 and log.loss(5) == 6.0
+    assert "tst loss" not in log.train[5]
+
+
+def test_an_interval_over_the_switch_in_one_process():
+    """s = 1 in one launch: the line whose interval spans both code paths carries both keys,
+    each a sum over the interval's iterations divided by all of them."""
+    both = _line(10, 3.0).replace("| loss scale", "| tst loss: 3.100000E+00 | loss scale")
+    log = parse_training_log("\n".join([both]))
+    assert log.loss(10) == 6.1

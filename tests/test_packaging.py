@@ -59,7 +59,9 @@ def test_demo_sizes_come_from_conf():
     sizes = load_sizes()
     assert set(sizes) == {"ci", "cpu", "gpu"}
     keys = {"vocab", "layers", "hidden", "heads", "ffn", "seq", "mbs", "gbs", "iters", "lr",
-            "warmup", "eval_interval", "eval_iters", "corpus_bytes"}
+            "warmup", "eval_interval", "eval_iters", "corpus_bytes", "side_by_side", "bag_size",
+            "phase1_fraction"}
     for name, size in sizes.items():
         assert set(size) == keys, name
         assert size["gbs"] % size["mbs"] == 0 and size["hidden"] % size["heads"] == 0
+        assert size["bag_size"] >= 2 and 0 < size["phase1_fraction"] < 1

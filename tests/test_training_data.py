@@ -212,3 +212,38 @@ def test_the_baseline_mapping_is_the_identity(corpus, tmp_path):
             assert np.array_equal(sample["tokens"].numpy(), item["tokens"])
             assert np.array_equal(sample["labels"].numpy(), item["labels"])
             assert np.array_equal(sample["loss_mask"].numpy(), item["loss_mask"])
+
+
+def test_held_out_samples_do_not_depend_on_the_run_length(corpus, tmp_path, monkeypatch):
+    """Runs of different --train-iters (the iso-loss baselines) must score the same held-out
+    samples; Megatron asks for more validation samples the longer the run, and past one epoch
+    of the held-out data GPTDataset would shuffle them differently."""
+    import argparse
+
+    import megatron.training
+    from nemo_tst.training import pretrain
+
+    prefix, vocab = corpus
+    plan = make_plan(s=4, L=16, gbs=4, N=40, n1=12)
+    monkeypatch.setattr(pretrain, "_is_dataset_built_on_rank", lambda vp_stage=None: True)
+
+    def held_out(valid_n, cache):
+        args = argparse.Namespace(
+            seed=1234, data_path=None, data_args_path=None, per_split_data_args_path=None,
+            train_data_path=[prefix], valid_data_path=[prefix], test_data_path=None, split=None,
+            data_cache_path=str(tmp_path / cache), eod_mask_loss=False,
+            mid_level_dataset_surplus=0.005, eval_iters=2, global_batch_size=plan.global_batch_size,
+            seq_length=plan.seq_length,
+        )
+        monkeypatch.setattr(megatron.training, "get_args", lambda: args)
+        _, valid, _ = pretrain.train_valid_test_datasets_provider(
+            [1, valid_n, 0], plan=plan, tokenizer=UniqueIdTokenizer(vocab))
+        assert len(valid) >= valid_n
+        return [valid[i]["tokens"].numpy() for i in range(valid_n)]
+
+    one_epoch = 8000 // (plan.seq_length + 1)
+    short, long = held_out(40, "a"), held_out(3 * one_epoch, "b")
+    assert all(np.array_equal(a, b) for a, b in zip(short, long[:40]))
+    # and every evaluation reads the same samples
+    per_evaluation = 2 * plan.global_batch_size
+    assert all(np.array_equal(long[i], long[i % per_evaluation]) for i in range(len(long)))

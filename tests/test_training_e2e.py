@@ -47,12 +47,19 @@ def pretrain_cmd(save: Path, argv: list[str], nproc: int = 1) -> list[str]:
             "--save", str(save), *argv]
 
 
-def run_pretrain(save: Path, argv: list[str], nproc: int = 1):
+def run_pretrain(save: Path, argv: list[str], nproc: int = 1, env=None):
+    """`nemo-tst pretrain` once; (parsed trainer log, its text) of this call, read from the
+    full log in SAVE/train.log (the terminal shows only the progress lines)."""
     log_path = save.parent / f"{save.name}.log"
+    full = save / "train.log"
+    offset = full.stat().st_size if full.exists() else 0
     with open(log_path, "a") as log:
-        proc = subprocess.run(pretrain_cmd(save, argv, nproc), stdout=log, stderr=subprocess.STDOUT)
-    text = log_path.read_text()
-    assert proc.returncode == 0, text[-4000:]
+        proc = subprocess.run(pretrain_cmd(save, argv, nproc), stdout=log, stderr=subprocess.STDOUT,
+                              env=None if env is None else dict(os.environ, **env))
+    assert proc.returncode == 0, log_path.read_text()[-4000:]
+    with open(full, "rb") as f:
+        f.seek(offset)
+        text = f.read().decode(errors="replace")
     return parse_training_log(text), text
 
 
@@ -296,6 +303,42 @@ def _tst_model_logits(ckpt: Path, vocab: int):
     mask = torch.triu(torch.ones(1, 1, 32, 32, dtype=torch.bool), diagonal=1)
     with torch.no_grad():
         return model(ids, torch.arange(32).expand(2, 32), mask)
+
+
+def test_baseline_is_one_launch_resumes_and_shows_only_progress_lines(data, tmp_path):
+    """s = 1: all N iterations in one launch (in SAVE/phase2), killed mid-way the same command
+    finishes it with the uninterrupted run's losses; the terminal shows the per-interval lines,
+    not Megatron's argument dump, which is in SAVE/train.log."""
+    argv = tiny_args(data)
+    argv[argv.index("--tst-bag-size") + 1] = "1"
+    save = tmp_path / "whole"
+    log, text = run_pretrain(save, argv)
+    terminal = (tmp_path / "whole.log").read_text()
+    assert sorted(log.train) == list(range(1, N + 1)) and sorted(log.valid) == [5, 10]
+    assert terminal.count("[nemo-tst] phase") == 1 and "[nemo-tst] phase 2 (iterations 1-10;" in terminal
+    assert not (save / "phase1").exists()
+    assert (save / "phase2" / "latest_checkpointed_iteration.txt").read_text().strip() == str(N)
+    assert "iteration       10/      10 |" in terminal and "validation loss at iteration 10" in terminal
+    assert "arguments ---" not in terminal and "UserWarning" not in terminal
+    assert "------------------------ arguments ------------------------" in text
+    assert "trainer output: " + str(save / "train.log") in terminal
+
+    killed = tmp_path / "killed"
+    with open(tmp_path / "killed.out", "w") as out:
+        proc = subprocess.run(pretrain_cmd(killed, argv), stdout=out, stderr=subprocess.STDOUT,
+                              env=dict(os.environ, NEMO_TST_KILL_AT="7"))
+    assert proc.returncode != 0 and "Rerun the same command" in (tmp_path / "killed.out").read_text()
+    assert (killed / "phase2" / "latest_checkpointed_iteration.txt").read_text().strip() == "6"
+    resumed, _ = run_pretrain(killed, argv)
+    assert (tmp_path / "killed.log").read_text().count("[nemo-tst] phase 2 (iterations 7-10;") == 1
+    assert sorted(resumed.train) == list(range(7, N + 1))
+    assert [resumed.loss(it) for it in range(7, N + 1)] == pytest.approx([log.loss(it) for it in range(7, N + 1)], rel=1e-6)
+    assert resumed.valid[N] == log.valid[N]
+
+    # --tst-phase 1 has nothing to run at s = 1, and says so; phase 2 then finds the run done.
+    again = subprocess.run(pretrain_cmd(killed, argv + ["--tst-phase", "1"]), capture_output=True, text=True)
+    assert again.returncode == 0 and "there is no superposition phase" in again.stdout
+    assert "[nemo-tst] phase" not in again.stdout
 
 
 def test_weighted_blend_of_corpora_trains_both_phases(data, tmp_path):

@@ -9,7 +9,9 @@ executors into running them in order. Each stage is `torchrun ... -m
 nemo_tst.training.pretrain <recipe's Megatron arguments> --tst-phase k` on every node; the
 arguments of both stages are fixed at submission (`driver.phase_argv`), each rank works out at
 start where its phase resumes (`driver.resolve_phase_start`), and a stage whose phase is already
-complete exits at once, so resubmitting the same experiment resumes the run.
+complete exits at once, so resubmitting the same experiment resumes the run. A recipe with
+`tst.bag_size=1` (a baseline) has no superposition phase: one stage, phase 2, trains all N
+iterations, as `nemo-tst pretrain` does (`driver.run_phases`).
 
 Executors (`run.executor=NAME`, their fields as `run.executor.FIELD=...`): `local` (torchrun on this
 machine, GPUs or CPU ranks), `slurm` (sbatch with a container image and mounts, over a local or
@@ -38,9 +40,9 @@ PHASE_ENV = {"CUDA_DEVICE_MAX_CONNECTIONS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def phase_tasks(recipe: TSTRecipe, plan: TSTPlan) -> list[tuple[int, run.Script]]:
-    """[(1, phase-1 script), (2, phase-2 script)]: each rank's command for each phase; `plan`
-    is what `check_recipe(recipe, ...)` returned."""
-    from nemo_tst.training.driver import phase_argv
+    """[(1, phase-1 script), (2, phase-2 script)]: each rank's command for each phase (only
+    phase 2, the whole run, at s = 1); `plan` is what `check_recipe(recipe, ...)` returned."""
+    from nemo_tst.training.driver import phase_argv, run_phases
 
     if not recipe.run_dir:
         raise ValueError("recipe.run_dir is not set: recipe.run_dir=/path/to/checkpoints")
@@ -49,7 +51,7 @@ def phase_tasks(recipe: TSTRecipe, plan: TSTPlan) -> list[tuple[int, run.Script]
         (phase, run.Script(path="nemo_tst.training.pretrain", m=True, entrypoint="python",
                            args=phase_argv(argv, phase, Path(recipe.run_dir), plan.phase1_iters),
                            env=dict(PHASE_ENV)))
-        for phase in (1, 2)
+        for phase in run_phases(plan)
     ]
 
 
@@ -82,7 +84,7 @@ def two_phase_experiment(recipe: TSTRecipe, executor: run.Executor, *,
 
 def add_phases(exp: run.Experiment, recipe: TSTRecipe, plan: TSTPlan) -> list[str]:
     """Add phase 1 and phase 2 (depending on phase 1) to `exp`, on the executor
-    `two_phase_experiment` sized; call inside `with exp:`."""
+    `two_phase_experiment` sized (phase 2 alone at s = 1); call inside `with exp:`."""
     handles = []
     for phase, script in phase_tasks(recipe, plan):
         handles.append(exp.add(script, executor=exp.executor, name=f"phase{phase}",

@@ -5,19 +5,32 @@ Checkpoint layout under Megatron's `--save DIR` (each a Megatron checkpoint dire
     DIR/tst_run.json   the plan and model shape this directory belongs to
     DIR/phase1/        phase 1 saves here; it ends with the checkpoint of iteration n1
     DIR/phase2/        phase 2 loads DIR/phase1 the first time, then itself; saves here
+    DIR/train.log      the trainer's full output, when no --log-file is given
 
 So phase 2 never writes into phase 1's directory: the handoff checkpoint is never overwritten
 or deleted. Megatron writes `latest_checkpointed_iteration.txt` only after a checkpoint is
 complete, so an interrupted save is never taken as the latest one.
 
+With s = 1 (`--tst-bag-size 1`, the baseline) there is no superposition phase: the run is one
+launch of ordinary training, iterations 1..N, saved in and resumed from DIR/phase2 like a plain
+Megatron run (`--tst-phase 2` or `both`; `--tst-phase 1` has nothing to do and says so). A
+directory from the earlier two-launch layout (a phase-1 checkpoint, no phase 2 yet) resumes
+from its phase-1 checkpoint in that one launch. The training is the same either way: at s = 1
+both phases are ordinary next-token steps over the same samples.
+
 The same command resumes anywhere: a phase whose directory already holds its final iteration
 is skipped, an unfinished one continues from its latest checkpoint (Megatron restores weights,
 optimizer, LR scheduler, RNG, iteration and consumed samples). Phase 2 from phase 1's
 checkpoint is a resume, not a fine-tune: nothing is reset, and the one LR schedule continues.
+
+Each launch is `python -m nemo_tst.training.pretrain` on every rank (what Slurm and NeMo-Run
+run too): through torchrun for several processes, directly with torchrun's environment
+(RANK, WORLD_SIZE, MASTER_ADDR, ...) for one, which saves torchrun's own start-up.
 """
 
 import argparse
 import json
+import logging
 import os
 import re
 import subprocess
@@ -27,11 +40,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
+# torch warns, once megatron.core imports its extension loader, that no CUDA runtime exists: on
+# a CPU machine that is the point, and on a GPU machine it is not said.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
 from nemo_tst.training.arguments import TSTPlan, add_tst_arguments, check_runtime, plan_from_args
 
 __all__ = [
     "check_before_launch", "count_tokens", "latest_iteration", "parse_megatron_args", "phase_argv", "phase_commands",
-    "resolve_phase_start", "run",
+    "resolve_phase_start", "run", "run_phases",
 ]
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -44,16 +61,27 @@ RUN_IDENTITY = (
 )
 
 
+_ARGV_LOCK = threading.Lock()  # Megatron's parser reads sys.argv: one parse at a time
+
+
 def parse_megatron_args(argv: list[str]) -> argparse.Namespace:
-    """Megatron-LM's parser plus the TST group, without Megatron's validation side effects."""
+    """Megatron-LM's parser plus the TST group, without Megatron's validation side effects.
+    Safe to call from several threads (the demo plans its runs side by side)."""
     from megatron.training.arguments import parse_args
 
-    saved = sys.argv
-    sys.argv = ["nemo-tst"] + [a for a in argv if a != "--tst-cpu"]
-    try:
-        return parse_args(extra_args_provider=add_tst_arguments)
-    finally:
-        sys.argv = saved
+    with _ARGV_LOCK:
+        saved = sys.argv
+        sys.argv = ["nemo-tst"] + [a for a in argv if a != "--tst-cpu"]
+        try:
+            return parse_args(extra_args_provider=add_tst_arguments)
+        finally:
+            sys.argv = saved
+
+
+def run_phases(plan: TSTPlan) -> tuple[int, ...]:
+    """The phases a run launches: (1, 2), or (2,) at s = 1, where there is no superposition
+    phase and "phase 2" is the whole run, iterations 1..N, in one launch."""
+    return (2,) if plan.superposition.bag_size == 1 else (1, 2)
 
 
 def latest_iteration(checkpoint_dir: Path) -> Optional[int]:
@@ -113,7 +141,9 @@ def _without(argv: list[str], *options: str) -> list[str]:
 
 
 def phase_commands(argv: list[str], args, plan: TSTPlan) -> list[tuple[int, list[str]]]:
-    """[(phase, extra Megatron argv)] still to run, judged from the checkpoints on disk."""
+    """[(phase, extra Megatron argv)] still to run, judged from the checkpoints on disk.
+
+    At s = 1 that is at most one launch, (2, ...), for all N iterations (`run_phases`)."""
     save = Path(args.save)
     p1_dir, p2_dir = save / "phase1", save / "phase2"
     N, n1 = plan.train_iters, plan.phase1_iters
@@ -131,11 +161,12 @@ def phase_commands(argv: list[str], args, plan: TSTPlan) -> list[tuple[int, list
             "--tst-phase1-fraction/--tst-phase1-iters"
         )
     wanted = {"both": (1, 2), "1": (1,), "2": (2,)}[args.tst_phase]
+    wanted = tuple(p for p in wanted if p in run_phases(plan))
     commands = []
     if 1 in wanted and p2_done is None and (p1_done or 0) < n1:
         commands.append((1, phase_argv(argv, 1, save, n1)))
     if 2 in wanted and (p2_done or 0) < N:
-        if 1 not in wanted and p2_done is None and p1_done != n1:
+        if 1 not in wanted and 1 in run_phases(plan) and p2_done is None and p1_done != n1:
             raise ValueError(
                 f"phase 2 needs phase 1's checkpoint of iteration {n1} in {p1_dir}, found "
                 f"{'none' if p1_done is None else f'iteration {p1_done}'}; run phase 1 first "
@@ -151,8 +182,9 @@ def phase_argv(argv: list[str], phase: int, save: Path, phase1_iters: int) -> li
 
     Phase 1 saves to and resumes from SAVE/phase1 and exits at n1. Phase 2 saves to
     SAVE/phase2 and resumes from it; the first time (nothing there yet) each rank starts
-    from SAVE/phase1 instead (`--tst-phase1-checkpoint`, see `resolve_phase_start`). The
-    arguments do not depend on what is on disk, so a scheduler can submit both phases at once.
+    from SAVE/phase1 instead (`--tst-phase1-checkpoint`, see `resolve_phase_start`; at s = 1,
+    from iteration 0 when SAVE/phase1 is empty). The arguments do not depend on what is on
+    disk, so a scheduler can submit both phases at once.
     """
     p1_dir, p2_dir = save / "phase1", save / "phase2"
     base = _without(argv, "--save", "--load", "--tst-phase", "--exit-interval", "--tst-phase1-checkpoint")
@@ -167,10 +199,17 @@ def resolve_phase_start(args, plan: TSTPlan) -> Optional[str]:
     """On each rank, before Megatron loads: where this phase starts, or why it has nothing to do.
 
     Sets `args.load` to SAVE/phase1 for phase 2's first start. Returns a message (and the rank
-    should exit 0) when the phase is already complete; raises ValueError when phase 2 has
-    neither its own checkpoint nor phase 1's final one."""
+    should exit 0) when the phase is already complete, or is phase 1 of an s = 1 run (which
+    has none); raises ValueError when phase 2 (s > 1) has neither its own checkpoint nor phase
+    1's final one. At s = 1 phase 2 is the whole run: without a checkpoint of its own it starts
+    from iteration 0, or from SAVE/phase1's latest checkpoint if an earlier two-launch run left
+    one there."""
     n1, N = plan.phase1_iters, plan.train_iters
+    single = 1 not in run_phases(plan)
     if args.tst_phase == "1":
+        if single:
+            return ("--tst-phase 1 with --tst-bag-size 1: there is no superposition phase, nothing "
+                    "to do; the whole run is --tst-phase 2, one launch")
         done = latest_iteration(Path(args.load)) if args.load else None
         if done is not None and done >= n1:
             return f"phase 1 is complete (iteration {done} in {args.load}); nothing to do"
@@ -182,6 +221,10 @@ def resolve_phase_start(args, plan: TSTPlan) -> Optional[str]:
     if handoff is None:
         return None  # the caller passed --load itself (nemo-tst pretrain does this)
     got = latest_iteration(Path(handoff))
+    if single:
+        if got is not None:
+            args.load = handoff  # the two-launch layout's phase 1: the same training, resumed
+        return None
     if got != n1:
         raise ValueError(
             f"phase 2 starts from phase 1's checkpoint of iteration {n1} in {handoff}, found "
@@ -264,19 +307,32 @@ def check_data_and_tokenizer(args, plan: TSTPlan) -> None:
 
 def count_tokens(prefixes: list[str]) -> int:
     """Tokens in Megatron indexed datasets (PREFIX.bin/.idx)."""
+    import logging
+    import warnings
+
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+    reader_log = logging.getLogger("megatron.core.datasets.indexed_dataset")
+    level = reader_log.level
+    reader_log.setLevel(logging.WARNING)  # its INFO lines describe the index, not the run
     tokens = 0
-    for prefix in prefixes:
-        index = IndexedDataset(prefix)  # keep it alive: its arrays view a mapping it closes
-        tokens += int(index.sequence_lengths.sum())
-        del index
+    try:
+        with warnings.catch_warnings():
+            # megatron.core asks for a rank it cannot know before any process group exists
+            warnings.filterwarnings("ignore", message="Could not determine rank")
+            for prefix in prefixes:
+                index = IndexedDataset(prefix)  # keep it alive: its arrays view a mapping it closes
+                tokens += int(index.sequence_lengths.sum())
+                del index
+    finally:
+        reader_log.setLevel(level)
     return tokens
 
 
-def _run_and_tee(cmd: list[str], env: dict, sink) -> tuple[int, list[str]]:
-    """Run the phase, copying its output to `sink`; returns the exit status and the lines
-    that say why it stopped (Megatron's logged errors and raised exceptions).
+def _run_and_tee(cmd: list[str], env: dict, sink, on_line=None) -> tuple[int, list[str]]:
+    """Run the phase, copying its output to `sink` (and each line to `on_line`); returns the
+    exit status and the lines that say why it stopped (Megatron's logged errors and raised
+    exceptions).
 
     The copy runs in a thread and the exit status is what is waited for: a helper process the
     trainer left behind (a checkpoint writer orphaned by a crash) may hold the pipe open."""
@@ -287,6 +343,8 @@ def _run_and_tee(cmd: list[str], env: dict, sink) -> tuple[int, list[str]]:
     def copy():
         for line in proc.stdout:
             sink.write(line)
+            if on_line is not None:
+                on_line(line)
             if line.startswith("ERROR:megatron") or (
                 re.search(r"\b\w*(Error|Exception): ", line) and "ChildFailedError" not in line
             ):
@@ -294,7 +352,12 @@ def _run_and_tee(cmd: list[str], env: dict, sink) -> tuple[int, list[str]]:
 
     copier = threading.Thread(target=copy, daemon=True)
     copier.start()
-    rc = proc.wait()
+    try:
+        rc = proc.wait()
+    except BaseException:  # Ctrl-C or an error in the caller: take the launch down with it
+        proc.terminate()
+        proc.wait()
+        raise
     copier.join(timeout=10)
     sink.flush()
     return rc, reasons
@@ -325,13 +388,18 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch_command(nproc: int, megatron_argv: list[str]) -> list[str]:
-    """torchrun on this machine, one process per device (or per CPU rank)."""
-    return [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-        "--master-addr=127.0.0.1", f"--master-port={_free_port()}",
-        "-m", "nemo_tst.training.pretrain", *megatron_argv,
-    ]
+def launch_command(nproc: int, megatron_argv: list[str]) -> tuple[list[str], dict]:
+    """(command, environment additions) of one launch on this machine: torchrun, one process
+    per device (or per CPU rank); for one process, the rank itself with the environment
+    torchrun would give it (no torchrun process to start, import torch in, and wait for)."""
+    port = str(_free_port())
+    entry = ["-m", "nemo_tst.training.pretrain", *megatron_argv]
+    if nproc == 1:
+        env = {"RANK": "0", "LOCAL_RANK": "0", "GROUP_RANK": "0", "WORLD_SIZE": "1",
+               "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        return [sys.executable, *entry], env
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+            "--master-addr=127.0.0.1", f"--master-port={port}", *entry], {}
 
 
 def check_before_launch(argv: list[str], args, plan: TSTPlan, nproc: int) -> list[tuple[int, list[str]]]:
@@ -354,8 +422,15 @@ def check_before_launch(argv: list[str], args, plan: TSTPlan, nproc: int) -> lis
     return commands
 
 
-def run(argv: list[str], *, nproc: int = 1, log_file: Optional[Path] = None) -> TSTPlan:
-    """Plan, validate, then run (or resume) the phases still to do, each via torchrun."""
+def run(argv: list[str], *, nproc: int = 1, log_file: Optional[Path] = None, on_line=None,
+        say=None, env: Optional[dict] = None) -> TSTPlan:
+    """Plan, validate, then run (or resume) the phases still to do, one launch each.
+
+    The trainer's whole output (argument dump, warnings, every rank) is appended to `log_file`
+    (default: SAVE/train.log); `on_line(line)`, if given, sees each line too (the CLI echoes
+    the progress lines, the demo draws its progress line). `say(text)` prints nemo-tst's own
+    lines (default: stdout). `env`: extra environment for the launched ranks."""
+    say = say or (lambda text: print(text, flush=True))
     args = parse_megatron_args(argv)
     if args.tokenizer_type is None and args.tst_tokenizer and Path(args.tst_tokenizer).is_file():
         # The data's tokenizer sizes the model: Megatron only needs the vocabulary size.
@@ -368,33 +443,39 @@ def run(argv: list[str], *, nproc: int = 1, log_file: Optional[Path] = None) -> 
         args = parse_megatron_args(argv)
     plan = plan_from_args(args)
     commands = check_before_launch(argv, args, plan, nproc)
-    claim_run_directory(Path(args.save), args, plan)  # the first write, after every check
-    env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1", PYTHONUNBUFFERED="1")
+    save = Path(args.save)
+    claim_run_directory(save, args, plan)  # the first write, after every check
+    log_file = Path(log_file) if log_file else save / "train.log"
+    if args.tst_phase == "1" and 1 not in run_phases(plan):
+        say("[nemo-tst] --tst-phase 1 with --tst-bag-size 1: there is no superposition phase, "
+            "nothing to run; the whole run is one launch (--tst-phase 2 or both)")
+    launch_env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1", PYTHONUNBUFFERED="1", **(env or {}))
     for phase, extra in commands:
-        cmd = launch_command(nproc, extra)
-        first = plan.phase1_iters + 1 if phase == 2 else 1
+        cmd, rank_env = launch_command(nproc, extra)
         last = plan.train_iters if phase == 2 else plan.phase1_iters
-        print(f"[nemo-tst] phase {phase} (iterations {first}-{last}) on {nproc} process(es)"
-              + (f", log: {log_file}" if log_file else ""), flush=True)
-        if log_file is None:
-            print(f"[nemo-tst] {' '.join(cmd)}", flush=True)
-            rc, reasons = _run_and_tee(cmd, env, sys.stdout)
-        else:
-            with open(log_file, "a") as log:
-                log.write(f"[nemo-tst] {' '.join(cmd)}\n")
-                rc, reasons = _run_and_tee(cmd, env, log)
-        see_log = f"; see {log_file}" if log_file else ""
+        done = latest_iteration(save / f"phase{phase}")
+        if done is None and phase == 2 and 1 in run_phases(plan):
+            done = plan.phase1_iters
+        elif done is None and phase == 2:
+            done = latest_iteration(save / "phase1") or 0  # s = 1: see resolve_phase_start
+        what = "" if 1 in run_phases(plan) else "; s=1: no superposition phase, the whole run in one launch"
+        say(f"[nemo-tst] phase {phase} (iterations {(done or 0) + 1}-{last}{what}) on {nproc} "
+            f"process(es); trainer output: {log_file}")
+        with open(log_file, "a") as log:
+            log.write(f"[nemo-tst] {' '.join(cmd)}\n")
+            log.flush()
+            rc, reasons = _run_and_tee(cmd, dict(launch_env, **rank_env), log, on_line)
         if rc != 0:
             raise RuntimeError(
-                f"phase {phase} exited with status {rc}{_why(reasons)}{see_log}. Rerun the same "
-                "command to resume from the latest checkpoint"
+                f"phase {phase} exited with status {rc}{_why(reasons)}; see {log_file}. Rerun "
+                "the same command to resume from the latest checkpoint"
             )
         # Megatron also exits 0 when asked to stop early (SIGTERM with --exit-signal-handler,
         # --exit-duration-in-mins): the next phase starts only from a finished one.
-        reached = latest_iteration(Path(args.save) / f"phase{phase}")
+        reached = latest_iteration(save / f"phase{phase}")
         if reached != last:
             raise RuntimeError(
-                f"phase {phase} stopped at iteration {reached} before its end ({last}){see_log}; "
-                "nothing was lost: rerun the same command to resume"
+                f"phase {phase} stopped at iteration {reached} before its end ({last}); see "
+                f"{log_file}; nothing was lost: rerun the same command to resume"
             )
     return plan

@@ -7,13 +7,17 @@
 Megatron prints losses with seven significant digits; that is the precision of anything read
 back here. Megatron 0.19 also does not reset its loss accumulator after the first iteration a
 process logs, so the next line it prints averages that iteration in; the reader undoes this
-(see `_unaverage`), which costs about one digit on that one line.
+(see `_unaverage`), which costs about one digit on that one line. And a loss key a process
+stops reporting (phase 1's "tst loss" in an s = 1 run, one launch through both code paths) is
+printed as 0 from then on; the reader drops it (`_live`).
 """
 
 import re
 from dataclasses import dataclass, field
 
-__all__ = ["TrainingLog", "parse_training_log"]
+__all__ = [
+    "TrainingLog", "is_progress_line", "iteration_line", "parse_training_log", "training_loss", "validation_line",
+]
 
 _FLOAT = r"([-+]?\d+\.\d+E[-+]\d+|nan|inf)"
 _TRAIN = re.compile(r"\biteration\s+(\d+)/\s*(\d+) \|(.*)$")
@@ -23,6 +27,46 @@ _VALID = re.compile(r"validation loss at iteration (\d+)( on \w+ set)? \| lm los
 # matched: with several ranks writing to one pipe, another rank's output can share the line.
 _PROCESS_START = re.compile(r"\btraining \.\.\.")
 _TST = re.compile(r"^\[tst\] iteration (\d+) \| phase (\d) \| s (\d+) \| latent positions (\d+) \| text tokens (\d+)")
+# What a terminal shows of a run (`nemo-tst pretrain`): the per-interval lines, evaluations,
+# checkpoints, nemo-tst's own lines and errors; not the argument dump, warnings or notices.
+_PROGRESS = re.compile(
+    r"\biteration\s+\d+/\s*\d+ \||validation loss at iteration|successfully (saved|loaded) checkpoint|"
+    r"exiting program at iteration|^\[nemo-tst\]|^ERROR:|Error: |^Traceback"
+)
+
+
+def is_progress_line(line: str) -> bool:
+    """Whether a trainer output line belongs on the terminal (see `_PROGRESS`)."""
+    return bool(_PROGRESS.search(line)) and "warn" not in line.lower()
+
+
+def iteration_line(line: str):
+    """(iteration, total, {"lm loss" | "tst loss" | "learning rate" ...: value}) of one of
+    Megatron's per-interval lines, else None. Values as printed (see the averaging note above),
+    without the stale keys (`_live`)."""
+    m = _TRAIN.search(line)
+    if m is None:
+        return None
+    values = {k.strip(): float(v) for k, v in _KEY_VALUE.findall(m.group(3))}
+    return int(m.group(1)), int(m.group(2)), _live(values)
+
+
+def _live(values: dict) -> dict:
+    """The values without losses of exactly 0: once a loss key has been reported, Megatron
+    prints it in every later line of the process, as 0, when nothing reports it any more (an
+    s = 1 run takes phase 1's code path, "tst loss", then phase 2's, "lm loss", in one launch).
+    A cross-entropy is never exactly 0."""
+    live = {k: v for k, v in values.items() if not ("loss" in k and v == 0.0)}
+    return live if any("loss" in k for k in live) else values
+
+
+def validation_line(line: str):
+    """(iteration, held-out loss) of a periodic validation line, else None (also for the
+    end-of-training "on validation/test set" lines)."""
+    m = _VALID.search(line)
+    if m is None or m.group(2) is not None:
+        return None
+    return int(m.group(1)), float(m.group(3))
 
 
 @dataclass
@@ -37,8 +81,19 @@ class TrainingLog:
 
     def loss(self, iteration: int) -> float:
         """The training loss of an iteration: multi-hot in phase 1, next-token in phase 2."""
-        row = self.train[iteration]
-        return row["tst loss"] if "tst loss" in row else row["lm loss"]
+        return training_loss(self.train[iteration])
+
+
+def training_loss(values: dict) -> float:
+    """The training loss of one per-interval line's values (`iteration_line`).
+
+    "tst loss" (phase 1, multi-hot) or "lm loss" (phase 2, next-token). A line with both comes
+    from an interval over the switch in one process, i.e. an s = 1 run (phase 1's code path at
+    s = 1 is next-token training): Megatron divides each key's sum by all the interval's
+    iterations, so the interval's mean loss is their sum."""
+    if "tst loss" in values and "lm loss" in values:
+        return values["tst loss"] + values["lm loss"]
+    return values["tst loss"] if "tst loss" in values else values["lm loss"]
 
 
 def _unaverage(first_it: int, first: dict, it: int, reported: dict) -> dict:
@@ -57,9 +112,8 @@ def parse_training_log(text: str) -> TrainingLog:
         if _PROCESS_START.search(line):
             first = "next"
         # Megatron prefixes a timestamp, and other ranks' output may precede it on the line.
-        elif m := _TRAIN.search(line):
-            it = int(m.group(1))
-            values = {k.strip(): float(v) for k, v in _KEY_VALUE.findall(m.group(3))}
+        elif parsed := iteration_line(line):
+            it, _, values = parsed
             if first == "next":
                 first = (it, values)
             elif first is not None:

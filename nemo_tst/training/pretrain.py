@@ -7,9 +7,15 @@ with three substitutions: the model is a `TSTGPTModel` / `TSTHybridModel`, train
 the phase-aware `TSTTrainDataset`, and forward_step handles both phases.
 
 Both phases get the same Megatron arguments (`--train-iters` = N, one LR schedule); phase 1
-adds `--exit-interval n1`, on which Megatron saves a checkpoint and exits.
+adds `--exit-interval n1`, on which Megatron saves a checkpoint and exits. At s = 1 there is
+no phase 1: `--tst-phase 2` trains all N iterations (phase 1's iterations take its code path
+with bags of one token, i.e. ordinary training) and `--tst-phase 1` exits at once.
+
+For one process the driver starts this module without torchrun, with the environment torchrun
+would set (RANK, WORLD_SIZE, MASTER_ADDR, ...); Slurm and NeMo-Run start it through torchrun.
 """
 
+import logging
 import sys
 from functools import partial
 
@@ -23,7 +29,23 @@ def _enable_cpu_if_requested(argv: list[str]) -> None:
     if "--tst-cpu" in argv:
         from nemo_tst import cpu
 
+        if _tokenizer_type(argv) == "NullTokenizer" and "transformers" not in sys.modules:
+            # A NullTokenizer needs no Hugging Face code, but megatron's tokenizer registry
+            # imports every text tokenizer library, transformers included (about 1.2 s of a
+            # CPU launch); each of those imports is guarded, so this rank treats it as absent.
+            sys.modules["transformers"] = None
         cpu.enable_megatron_cpu()
+
+
+def _tokenizer_type(argv: list[str]):
+    """The value of the last --tokenizer-type in argv (argparse's rule), or None."""
+    found = None
+    for i, a in enumerate(argv):
+        if a == "--tokenizer-type" and i + 1 < len(argv):
+            found = argv[i + 1]
+        elif a.startswith("--tokenizer-type="):
+            found = a.split("=", 1)[1]
+    return found
 
 
 def model_provider(pre_process=True, post_process=True, vp_stage=None, config=None, pg_collection=None):
@@ -70,6 +92,9 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
         position_embedding_type=args.position_embedding_type,
         rotary_percent=args.rotary_percent,
         rotary_base=args.rotary_base,
+        rope_scaling=args.use_rope_scaling,
+        rope_scaling_factor=args.rope_scaling_factor,
+        seq_len_interpolation_factor=args.rotary_seq_len_interpolation_factor,
         vp_stage=vp_stage,
         pg_collection=pg_collection,
     )
@@ -152,12 +177,18 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
         GPTDataset, [items_needed(plan), 1, 1], built_on_rank,
         _gpt_dataset_config(args, item_sequence_length(plan), tokenizer),
     ).build()
+    # Validation reads one evaluation's samples each time, so only that many are asked for:
+    # asking for valid_n (which grows with --train-iters) would let runs of different lengths
+    # draw different held-out samples once valid_n passes one epoch of the held-out data
+    # (GPTDataset then shuffles documents over two epochs).
+    per_evaluation = args.eval_iters * args.global_batch_size
     _, valid, test = BlendedMegatronDatasetBuilder(
-        GPTDataset, [1, valid_n, test_n], built_on_rank, _gpt_dataset_config(args, args.seq_length, tokenizer)
+        GPTDataset, [1, min(valid_n, per_evaluation) if valid_n else valid_n, test_n], built_on_rank,
+        _gpt_dataset_config(args, args.seq_length, tokenizer),
     ).build()
 
     if valid is not None:
-        valid = SameSamplesEachEvaluation(valid, args.eval_iters * args.global_batch_size, valid_n)
+        valid = SameSamplesEachEvaluation(valid, per_evaluation, valid_n)
 
     train = None
     if items is not None:  # the corpus budget was checked by the driver, before launch
@@ -218,5 +249,39 @@ def main(argv: list[str] | None = None) -> None:
     )
 
 
+def _end_rank(code) -> None:
+    """End a CPU rank (`--tst-cpu`) that finished cleanly without the interpreter's teardown.
+
+    Tearing down torch, megatron and inductor objects costs about 2 s of CPU per launch and
+    does nothing for the run: the checkpoint and its tracker are on disk, the output is
+    flushed, and with synchronous saves no helper process waits on this one. All ranks meet
+    at a barrier first, so none leaves while another still exchanges with it. Runs on GPUs,
+    and asynchronous saves (whose writer process finishes at exit), exit the usual way."""
+    import os
+
+    import torch.distributed as dist
+    from megatron.training import get_args
+
+    try:
+        args = get_args()
+    except Exception:  # main() returned before Megatron set its arguments (nothing to do)
+        args = None
+    if args is not None and getattr(args, "async_save", False):
+        sys.exit(code)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    main()
+    on_cpu = "--tst-cpu" in sys.argv[1:]  # main() rewrites sys.argv
+    try:
+        main()
+    except SystemExit as stop:  # Megatron's own exit (--exit-interval, exit signal, duration)
+        if stop.code not in (None, 0) or not on_cpu:
+            raise
+    if on_cpu:
+        _end_rank(0)

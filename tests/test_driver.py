@@ -1,0 +1,152 @@
+"""The driver's launch plan without launching: which phases run, where each rank starts, how a
+launch is started, and the demo's terminal pieces (progress line, verdict). No training here."""
+
+import io
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from nemo_tst.training.arguments import plan_from_args
+from nemo_tst.training.driver import (
+    launch_command,
+    parse_megatron_args,
+    phase_argv,
+    phase_commands,
+    resolve_phase_start,
+    run_phases,
+)
+
+N, N1 = 10, 3
+
+
+def argv_for(save: Path, s: int, *extra: str) -> list[str]:
+    return [
+        "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+        "--seq-length", "32", "--max-position-embeddings", "32", "--micro-batch-size", "2",
+        "--global-batch-size", "4", "--train-iters", str(N), "--lr", "1e-3",
+        "--tokenizer-type", "NullTokenizer", "--vocab-size", "300", "--transformer-impl", "local",
+        "--tst-bag-size", str(s), "--tst-phase1-fraction", "0.3", "--save", str(save), *extra,
+    ]
+
+
+def checkpoint(directory: Path, iteration: int) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "latest_checkpointed_iteration.txt").write_text(str(iteration))
+
+
+def commands(save: Path, s: int, *extra: str):
+    argv = argv_for(save, s, *extra)
+    args = parse_megatron_args(argv)
+    return phase_commands(argv, args, plan_from_args(args))
+
+
+def rank_start(save: Path, s: int, phase: int):
+    """What a rank of `phase` does (resolve_phase_start) with the arguments the driver gives it."""
+    argv = phase_argv(argv_for(save, s), phase, save, N1)
+    args = parse_megatron_args(argv)
+    message = resolve_phase_start(args, plan_from_args(args))
+    return message, Path(args.load)
+
+
+def test_s1_is_one_launch_of_the_whole_run(tmp_path):
+    assert run_phases(plan_from_args(parse_megatron_args(argv_for(tmp_path, 1)))) == (2,)
+    assert run_phases(plan_from_args(parse_megatron_args(argv_for(tmp_path, 4)))) == (1, 2)
+    assert [p for p, _ in commands(tmp_path, 1)] == [2]
+    assert [p for p, _ in commands(tmp_path, 1, "--tst-phase", "2")] == [2]
+    assert commands(tmp_path, 1, "--tst-phase", "1") == []  # no superposition phase to run
+    assert [p for p, _ in commands(tmp_path, 4)] == [1, 2]
+    checkpoint(tmp_path / "phase2", N)
+    assert commands(tmp_path, 1) == []  # finished
+
+
+def test_s1_rank_starts_at_zero_or_resumes(tmp_path):
+    message, load = rank_start(tmp_path, 1, 2)
+    assert message is None and load == tmp_path / "phase2"  # iteration 0 (nothing to load yet)
+    message, _ = rank_start(tmp_path, 1, 1)
+    assert "--tst-phase 1 with --tst-bag-size 1" in message and "nothing to do" in message
+    # A directory of the two-launch layout: its phase-1 checkpoint continues in the one launch.
+    checkpoint(tmp_path / "phase1", 2)
+    assert [p for p, _ in commands(tmp_path, 1)] == [2]
+    message, load = rank_start(tmp_path, 1, 2)
+    assert message is None and load == tmp_path / "phase1"
+    checkpoint(tmp_path / "phase2", 6)
+    message, load = rank_start(tmp_path, 1, 2)
+    assert message is None and load == tmp_path / "phase2"
+    checkpoint(tmp_path / "phase2", N)
+    assert "phase 2 is complete" in rank_start(tmp_path, 1, 2)[0]
+
+
+def test_s4_phase2_still_needs_the_handoff(tmp_path):
+    with pytest.raises(ValueError, match="phase 2 starts from phase 1's checkpoint of iteration 3"):
+        rank_start(tmp_path, 4, 2)
+    with pytest.raises(ValueError, match="phase 2 needs phase 1's checkpoint"):
+        commands(tmp_path, 4, "--tst-phase", "2")
+
+
+def test_one_process_runs_the_rank_without_torchrun():
+    cmd, env = launch_command(1, ["--x"])
+    assert cmd[1:4] == ["-m", "nemo_tst.training.pretrain", "--x"] and "torch.distributed.run" not in cmd
+    assert env["RANK"] == env["LOCAL_RANK"] == "0" and env["WORLD_SIZE"] == "1"
+    assert env["MASTER_ADDR"] == "127.0.0.1" and int(env["MASTER_PORT"]) > 0
+    cmd, env = launch_command(2, ["--x"])
+    assert cmd[1:3] == ["-m", "torch.distributed.run"] and "--nproc-per-node=2" in cmd and env == {}
+    assert cmd[-3:] == ["-m", "nemo_tst.training.pretrain", "--x"] or cmd[-2:] == ["nemo_tst.training.pretrain", "--x"]
+
+
+LINE = (" [2026-12-01 10:00:00] iteration      {it:>3}/     100 | consumed samples: 16 | "
+        "learning rate: 1.000000E-03 | {key}: {loss:.6E} | loss scale: 1.0 |\n")
+
+
+def test_progress_lines_plain_and_in_place():
+    from nemo_tst.demo import Progress
+
+    plain = io.StringIO()
+    progress = Progress({"baseline": {"phase1_iters": 0}, "tst": {"phase1_iters": 30}}, plain, tty=False, every=0)
+    progress.feed("tst", "training ...\n")
+    progress.feed("tst", LINE.format(it=10, key="tst loss", loss=7.25))
+    progress.feed("tst", " validation loss at iteration 10 | lm loss value: 6.500000E+00 | lm loss PPL: 1.0 |\n")
+    progress.feed("tst", LINE.format(it=40, key="lm loss", loss=5.5))
+    progress.set_status("baseline", "complete (reused)")
+    lines = plain.getvalue().splitlines()
+    assert lines[0].startswith("[demo] tst") and "step    10/100 phase 1 | loss 7.250" in lines[0]
+    assert "step    40/100 phase 2 | loss 5.500 | held-out 6.500 | ETA" in lines[1]
+    assert lines[-1] == "[demo] baseline complete (reused)"
+
+    term = io.StringIO()
+    progress = Progress({"a": {}, "b": {}}, term, tty=True)
+    progress.feed("a", LINE.format(it=1, key="lm loss", loss=8.0))
+    progress.feed("b", LINE.format(it=2, key="lm loss", loss=7.0))
+    progress.note("[demo] a note")
+    text = term.getvalue()
+    assert "\x1b[2F\x1b[J" in text  # the two live lines are redrawn in place, not appended
+    screen = re.sub(r"\x1b\[\d*[A-Z]", "", text.split("\x1b[2F\x1b[J")[-1])  # the last redraw
+    assert screen.splitlines() == ["[demo] a note", "a        step     1/100 | loss 8.000 | ETA ...",
+                                   "b        step     2/100 | loss 7.000 | ETA ..."]
+
+
+def test_verdict_says_which_run_is_better():
+    from nemo_tst.demo import SCALE_VERDICT, verdict
+
+    worse = verdict(3.20, 3.60, None, 1500)
+    assert "TST ends ABOVE the baseline, i.e. worse after 1500 steps" in worse and SCALE_VERDICT in worse
+    better = verdict(3.20, 3.10, 1200, 1500)
+    assert "0.1000 nats BELOW the baseline" in better and "at step 1200 of 1500" in better
+    assert "1.25x fewer steps" in better
+
+
+def test_trainer_lines_for_the_terminal():
+    from nemo_tst.training.logs import is_progress_line, iteration_line
+
+    assert is_progress_line(LINE.format(it=3, key="lm loss", loss=6.0))
+    assert iteration_line(LINE.format(it=3, key="tst loss", loss=6.0)) == (
+        3, 100, {"learning rate": 1e-3, "tst loss": 6.0})
+    assert is_progress_line(" validation loss at iteration 10 | lm loss value: 6.5E+00 |")
+    for noise in ("------------------------ arguments ------------------------",
+                  "  adam_beta1 ...................................... 0.9",
+                  "/x/megatron/core/optimizer/__init__.py:25: UserWarning: Transformer Engine and Apex "
+                  "are not installed.",
+                  "WARNING:megatron.core.models.gpt.gpt_model:GPTModel IS DEPRECATED."):
+        assert not is_progress_line(noise), noise
+    assert os.path.basename(__file__) == "test_driver.py"
