@@ -18,6 +18,14 @@ reset between cases; the bf16 gradient of z, the same in every case, is included
 no allocator reports a peak, the live bytes of every tensor the ops create are tracked instead),
 and the bytes autograd saved for backward (storages counted once). Megatron's CE is called with the tensor-parallel group of a one-rank world, as
 the model does at TP=1; ours gets tp_group=None (at TP=1 it issues no collective either way).
+
+fp32 logits (--dtype fp32): Megatron's vocab_parallel_cross_entropy works in place on its input
+once it is fp32 (its `.float()` is then a no-op: it overwrites the logits with the softmax in
+forward, saves that for backward and turns it into the gradient there), so a second call on the
+same logits fails in backward and every later case would see destroyed logits. Each Megatron
+call therefore gets its own copy, `z.clone()` (s copies in the naive baseline); with bf16 logits
+the `.float()` upcast inside the call makes that copy anyway. The Megatron rows' memory includes
+those copies, and the table says so.
 """
 
 import argparse
@@ -105,6 +113,36 @@ def peak_extra_bytes(step, logits, device) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
+def megatron_ce(z, y, tp_group):
+    """Mean of Megatron's vocab_parallel_cross_entropy(z, y) over positions (y [L, b]). It
+    works in place on fp32 input, so fp32 logits are cloned first: every call gets its own
+    copy, as the `.float()` upcast inside the call gives bf16 logits."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    if z.dtype == torch.float32:
+        z = z.clone()
+    return vocab_parallel_cross_entropy(z, y, 0.0, tp_group).mean()
+
+
+def torch_ce(z, y):
+    return F.cross_entropy(z.float().view(-1, z.size(-1)), y.reshape(-1))
+
+
+def loss_cases(tp_group, *, naive: bool = True) -> tuple[dict, dict]:
+    """({name: fn(z, y)} measured once per V, {name: fn(z, y)} measured per s); y [L, b, s]."""
+    from nemo_tst.superposition.loss import multi_hot_cross_entropy
+
+    cases_one = {"one CE (Megatron)": lambda z, y: megatron_ce(z, y[..., 0], tp_group),
+                 "one CE (torch)": lambda z, y: torch_ce(z, y[..., 0])}
+    cases_s = {"multi-hot (ours)": lambda z, y: multi_hot_cross_entropy(z, y, None, check_targets=False).mean()}
+    if naive:
+        cases_s["naive s x CE (Megatron)"] = lambda z, y: sum(
+            megatron_ce(z, y[..., j], tp_group) for j in range(y.size(-1))) / y.size(-1)
+        cases_s["naive s x CE (torch)"] = lambda z, y: (lambda zf: sum(
+            torch_ce(zf, y[..., j]) for j in range(y.size(-1))) / y.size(-1))(z.float())
+    return cases_one, cases_s
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     C.add_device_args(parser, default_out="benchmarks/results/loss_microbench.json")
@@ -126,7 +164,6 @@ def main(argv=None) -> dict:
     C.init_megatron_single_process(device, opts.seed)
 
     from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     from nemo_tst.superposition.loss import multi_hot_cross_entropy
 
@@ -137,19 +174,7 @@ def main(argv=None) -> dict:
     if L * b != opts.tokens:
         raise SystemExit(f"--tokens {opts.tokens} must be a multiple of --batch {b}")
 
-    def megatron_ce(z, y):  # y [L, b]
-        return vocab_parallel_cross_entropy(z, y, 0.0, tp_group).mean()
-
-    def torch_ce(z, y):
-        return F.cross_entropy(z.float().view(-1, z.size(-1)), y.reshape(-1))
-
-    cases_one = {"one CE (Megatron)": lambda z, y: megatron_ce(z, y[..., 0]),
-                 "one CE (torch)": lambda z, y: torch_ce(z, y[..., 0])}
-    cases_s = {"multi-hot (ours)": lambda z, y: multi_hot_cross_entropy(z, y, None, check_targets=False).mean()}
-    if not opts.no_naive:
-        cases_s["naive s x CE (Megatron)"] = lambda z, y: sum(megatron_ce(z, y[..., j]) for j in range(y.size(-1))) / y.size(-1)
-        cases_s["naive s x CE (torch)"] = lambda z, y: (lambda zf: sum(
-            torch_ce(zf, y[..., j]) for j in range(y.size(-1))) / y.size(-1))(z.float())
+    cases_one, cases_s = loss_cases(tp_group, naive=not opts.no_naive)
 
     results, checks = [], []
     for V in opts.vocab:
@@ -191,6 +216,13 @@ def main(argv=None) -> dict:
 
     # Ratios against one ordinary CE (Megatron's, the one the trainer uses) at the same V.
     one = {(r["vocab"], r["case"]): r for r in results if r["bag_size"] is None}
+    # fp32: each Megatron call gets its own clone of the logits (see megatron_ce); say so.
+    copies = dtype == torch.float32
+    copies_note = ("* fp32 logits: Megatron's vocab_parallel_cross_entropy overwrites fp32 input in place "
+                   "(softmax in forward, gradient in backward), so each of its calls gets its own copy "
+                   "(z.clone()); these rows' time and memory include those copies: one for one CE, s for "
+                   "the naive baseline (with bf16 logits the .float() upcast inside each call makes the same "
+                   "fp32 copy)") if copies else None
     table = []
     for r in results:
         ref = one.get((r["vocab"], "one CE (Megatron)"), {})
@@ -202,7 +234,8 @@ def main(argv=None) -> dict:
             r["saved_vs_one_ce"] = r["saved_bytes"] / ref["saved_bytes"]
         mib = lambda x: None if x is None else x / 2**20  # noqa: E731
         table.append([
-            r["vocab"], r["bag_size"] or "-", r["case"], C.fmt(r.get("ms")) if "ms" in r else r.get("error"),
+            r["vocab"], r["bag_size"] or "-", r["case"] + (" *" if copies and "Megatron" in r["case"] else ""),
+            C.fmt(r.get("ms")) if "ms" in r else r.get("error"),
             C.fmt(r.get("time_vs_one_ce"), ".2f"), C.fmt(mib(r.get("peak_bytes")), ".1f"),
             C.fmt(r.get("memory_vs_one_ce"), ".2f"), C.fmt(mib(r.get("saved_bytes")), ".1f"),
             C.fmt(r.get("saved_vs_one_ce"), ".2f"),
@@ -215,6 +248,9 @@ def main(argv=None) -> dict:
              f"{env['device']}")
     md = C.print_table(title, ["V", "s", "case", "ms", "time/1CE", "peak MiB", "mem/1CE",
                                "saved MiB", "saved/1CE"], table)
+    if copies_note:
+        print(copies_note)
+        md += "\n\n" + copies_note
     targets = {"time_vs_one_ce": 1.2, "memory_vs_one_ce": 1.05}
     verdicts = []
     for r in results:
@@ -232,6 +268,7 @@ def main(argv=None) -> dict:
     payload = {"benchmark": "loss_microbench", "command": C.command_line(), "env": env,
                "config": {k: v for k, v in vars(opts).items() if k != "out"} | {"L": L},
                "targets": targets, "results": results, "verdicts": verdicts, "checks": checks,
+               "megatron_logits_copied_per_call": copies, "note": copies_note,
                "title": title, "table_md": md}
     C.write_json(opts.out, payload)
     return payload

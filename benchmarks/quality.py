@@ -59,7 +59,8 @@ SIZES = {
     # The GPU default: small enough that 4 concurrent runs of ~8k steps fit in minutes.
     "budget": dict(layers=6, hidden=384, heads=6, ffn=1024, seq=256, mbs=32, gbs=32, lr=1.5e-3,
                    eval_iters=20, vocab=16384, corpus_bytes=None),
-    # The shape of shared/notes/measured-on-h100.md: ~114 ms/step, far beyond a 25-minute budget.
+    # The shape earlier sessions timed on a lent H100 (megatron-core 0.19, local spec, bf16): about
+    # 114 ms a step, far beyond a 25-minute budget.
     "note": dict(layers=12, hidden=768, heads=12, ffn=2048, seq=512, mbs=32, gbs=32, lr=1.0e-3,
                  eval_iters=20, vocab=16384, corpus_bytes=None),
     # The CPU demo's model (conf/demo.yaml "cpu"): with --steps 8000 the four runs take about 70
@@ -246,9 +247,10 @@ def _launch(cmd: list[str], env: dict, out, deadline):
 
 
 def run_one(name: str, argv: list[str], run_dir: Path, steps: int, deadline, threads=None) -> dict:
-    """`nemo-tst pretrain` for one run, phase by phase (`--tst-phase 1`, then `2`), so that each
-    phase gets Megatron's --exit-duration-in-mins from the time left when it starts (Megatron
-    then saves and exits cleanly; a rerun resumes). Finished phases are skipped."""
+    """`nemo-tst pretrain` for one run, phase by phase (`--tst-phase 1`, then `2`; a baseline,
+    s = 1, is one launch, phase 2), so that each phase gets Megatron's --exit-duration-in-mins
+    from the time left when it starts (Megatron then saves and exits cleanly; a rerun resumes).
+    Finished phases are skipped."""
     log = run_dir / "train.log"
     if latest_iteration(run_dir, 2) == steps:
         return {"status": "done (reused)", "seconds": 0.0}
@@ -259,7 +261,8 @@ def run_one(name: str, argv: list[str], run_dir: Path, steps: int, deadline, thr
     t0, rc = time.time(), 0
     say(f"[quality] {name}: start ({steps} steps), log {log}")
     with open(run_dir / "driver.out", "a") as out:
-        for phase in ("1", "2"):
+        bag_size = argv[max(i for i, a in enumerate(argv) if a == "--tst-bag-size") + 1]  # last wins
+        for phase in ("2",) if bag_size == "1" else ("1", "2"):
             if phase == "1" and latest_iteration(run_dir, 2) is not None:
                 continue  # phase 2 started: phase 1 is complete
             if _STOPPING:
@@ -352,6 +355,32 @@ def iso_loss_speedup(baselines: list[tuple[int, float]], target: float, n: int) 
     return (s1 + (f1 - target) / (f0 - f1) * (s1 - s0)) / n, f"extrapolated beyond {s1 / n:.2f}x"
 
 
+def _at(curve: dict, it: float):
+    """The held-out loss at iteration `it`, linear between evaluated iterations (None outside)."""
+    its = sorted(curve)
+    if not its or it < its[0] or it > its[-1]:
+        return None
+    for a, b in zip(its, its[1:] + its[-1:]):
+        if a <= it <= b:
+            return curve[a] if a == b else curve[a] + (it - a) / (b - a) * (curve[b] - curve[a])
+
+
+def head_start(tst: dict, base: dict, n1: int) -> list[dict]:
+    """Where TST's gap comes from, at each evaluation of its phase 2 (iteration n1 + k):
+
+    head_start = baseline(k) - TST(n1 + k): TST against a fresh start that has had as many
+                 next-token steps as TST's phase 2 (> 0: phase 1 left TST ahead);
+    gap        = TST(n1 + k) - baseline(n1 + k): against the baseline at the same step and
+                 FLOPs (< 0: TST ahead)."""
+    rows = []
+    for it in sorted(i for i in tst if i > n1):
+        fresh, same = _at(base, it - n1), _at(base, it)
+        rows.append({"iteration": it, "k": it - n1,
+                     "head_start": None if fresh is None else fresh - tst[it],
+                     "gap": None if same is None else tst[it] - same})
+    return rows
+
+
 def plot(runs: dict, phase1_end: dict, points, path: Path) -> bool:
     try:
         import matplotlib
@@ -404,11 +433,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--bag-size", type=int, default=4)
     parser.add_argument("--phase1-fraction", type=float, default=0.3)
     parser.add_argument("--extra-bag-sizes", type=int, nargs="*", default=[], help="e.g. 2 8")
-    parser.add_argument("--baseline-multipliers", type=float, nargs="+", default=[1.25, 1.5])
+    parser.add_argument("--baseline-multipliers", type=float, nargs="*", default=[1.25, 1.5],
+                        help="longer baselines for the iso-loss speedup (none: baseline vs TST only)")
     parser.add_argument("--concurrency", type=int, default=None, help="runs at once (CUDA: all, CPU: 2)")
     parser.add_argument("--prepare-only", action="store_true",
                         help="build the data and calibrate N (for a later call with the same "
                              "--budget-minutes and --work-dir), then stop")
+    parser.add_argument("--data-only", action="store_true",
+                        help="build the data (corpus, BPE, indexed datasets) in --work-dir, then stop; "
+                             "needs no GPU (run_all.sh --gpu-window runs it beside the microbenchmarks)")
+    parser.add_argument("--reserve-seconds", type=float, default=30.0,
+                        help="seconds of the budget left unplanned when N is calibrated")
     parser.add_argument("--corpus-bytes", type=float, default=None, help="cap on the corpus size")
     parser.add_argument("--bpe-bytes", type=float, default=32e6, help="text the BPE is trained on")
     parser.add_argument("--vocab", type=int, default=None, help="BPE vocabulary (budget: 16384)")
@@ -447,6 +482,9 @@ def main(argv=None) -> dict:
     data = prepare_data(work, vocab=size["vocab"], max_bytes=max_bytes, bpe_bytes=int(opts.bpe_bytes),
                         workers=max(os.cpu_count() or 1, 1))
     size["vocab"] = data["vocab_size"]
+    if opts.data_only:
+        print(f"[quality] data ready in {work} ({time.time() - start:.0f}s)", flush=True)
+        return {"data": data}
     # From here on this process starts trainer process groups: stop them with it. (Set after the
     # data step: its worker pool must keep the default SIGTERM behaviour.)
     signal.signal(signal.SIGTERM, _stop_runs)
@@ -471,7 +509,7 @@ def main(argv=None) -> dict:
         mults = [1.0, 1.0, *opts.baseline_multipliers, *[1.0] * len(opts.extra_bag_sizes)]
         # With --prepare-only, plan for a later call that starts with data and plan ready.
         seconds = opts.budget_minutes * 60 if opts.prepare_only else deadline - time.time()
-        N = choose_steps(calibration, mults, n_runs, concurrency, seconds - 30)
+        N = choose_steps(calibration, mults, n_runs, concurrency, seconds - opts.reserve_seconds)
         print(f"[quality] calibration: {calibration['ms_per_iteration']:.1f} ms/iteration with "
               f"{concurrency} runs sharing the device, {calibration['seconds_per_phase_startup']:.0f}s "
               f"per phase start-up -> N = {N}", flush=True)
@@ -533,6 +571,7 @@ def main(argv=None) -> dict:
         if r["bag_size"] > 1 and r["final_loss"] is not None:
             speedup, how = iso_loss_speedup(points, r["final_loss"], N)
             summary[name] = {
+                "head_start": head_start(r["valid"], results["baseline"]["valid"], r["phase1_iters"]),
                 "minus_baseline": None if base is None else r["final_loss"] - base,
                 "iso_loss_speedup": speedup, "speedup_how": how,
                 "reaches_baseline_final_at": next(
@@ -562,6 +601,15 @@ def main(argv=None) -> dict:
               f"{'-' if d is None else 'met' if d <= -0.03 else 'NOT met'}); iso-loss speedup "
               f"{'-' if sp is None else f'{sp:.2f}x'} ({sm['speedup_how']}; target >= 1.25: "
               f"{'met' if sp and sp >= 1.25 else 'NOT met'})")
+    for name, sm in summary.items():
+        rows_k = [h for h in sm["head_start"] if h["head_start"] is not None]
+        if rows_k:
+            shown = rows_k[:: max(1, len(rows_k) // 6)] + rows_k[-1:]
+            print(f"{name}, phase 2 vs a fresh start with as many next-token steps (head start, "
+                  f"> 0: TST ahead) and vs the baseline at the same step (gap, < 0: TST ahead):")
+            for h in dict((h["k"], h) for h in shown).values():
+                print(f"  iteration {h['iteration']:>6} (k = {h['k']:>5}): head start "
+                      f"{h['head_start']:+.4f}, gap {C.fmt(h['gap'], '+.4f')}")
     png = opts.out.with_name(opts.out.stem + "_loss_curves.png")
     png.parent.mkdir(parents=True, exist_ok=True)
     plotted = plot(results, phase1_end, points, png)

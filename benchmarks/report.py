@@ -42,10 +42,14 @@ def verdict_lines(name: str, data: dict) -> list[str]:
     elif name == "quality":
         for run, sm in data.get("summary", {}).items():
             d, sp = sm.get("minus_baseline"), sm.get("iso_loss_speedup")
+            how = sm.get("speedup_how") or ""
+            # --gpu-window runs no longer baselines: no speedup to judge, which is no failure
+            speed = ("not measured (no longer baselines in this run)" if sp is None and how.startswith("needs")
+                     else f"{'-' if sp is None else f'{sp:.2f}x'} ({how}; "
+                          f"{'met' if sp and sp >= 1.25 else 'NOT met'})")
             lines.append(f"- {run}: TST - baseline = {'-' if d is None else f'{d:+.4f}'} nats "
                          f"({'-' if d is None else 'met' if d <= -0.03 else 'NOT met'}); iso-loss speedup "
-                         f"{'-' if sp is None else f'{sp:.2f}x'} ({sm.get('speedup_how')}; "
-                         f"{'met' if sp and sp >= 1.25 else 'NOT met'})")
+                         + speed)
         for run, r in data.get("runs", {}).items():
             if not r["status"].startswith("done"):
                 lines.append(f"- {run}: {r['status']}")
