@@ -61,6 +61,10 @@ RUN_IDENTITY = (
 )
 
 
+NO_PHASE1_AT_S1 = ("--tst-phase 1 with --tst-bag-size 1: there is no superposition phase, nothing "
+                   "to do; the whole run is one launch (--tst-phase 2 or both)")
+"""What the driver and each rank say when asked for phase 1 of a baseline (s = 1)."""
+
 _ARGV_LOCK = threading.Lock()  # Megatron's parser reads sys.argv: one parse at a time
 
 
@@ -208,8 +212,7 @@ def resolve_phase_start(args, plan: TSTPlan) -> Optional[str]:
     single = 1 not in run_phases(plan)
     if args.tst_phase == "1":
         if single:
-            return ("--tst-phase 1 with --tst-bag-size 1: there is no superposition phase, nothing "
-                    "to do; the whole run is --tst-phase 2, one launch")
+            return NO_PHASE1_AT_S1
         done = latest_iteration(Path(args.load)) if args.load else None
         if done is not None and done >= n1:
             return f"phase 1 is complete (iteration {done} in {args.load}); nothing to do"
@@ -447,8 +450,7 @@ def run(argv: list[str], *, nproc: int = 1, log_file: Optional[Path] = None, on_
     claim_run_directory(save, args, plan)  # the first write, after every check
     log_file = Path(log_file) if log_file else save / "train.log"
     if args.tst_phase == "1" and 1 not in run_phases(plan):
-        say("[nemo-tst] --tst-phase 1 with --tst-bag-size 1: there is no superposition phase, "
-            "nothing to run; the whole run is one launch (--tst-phase 2 or both)")
+        say(f"[nemo-tst] {NO_PHASE1_AT_S1}")
     launch_env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1", PYTHONUNBUFFERED="1", **(env or {}))
     for phase, extra in commands:
         cmd, rank_env = launch_command(nproc, extra)
