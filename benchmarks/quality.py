@@ -1,8 +1,9 @@
 """Quality at equal FLOPs through the real two-phase trainer: TST vs baselines of 1, 1.25, 1.5x.
 
 All runs share the model, L, global batch, data, optimizer and warm-up; each has its own WSD
-schedule spanning its own length (decay over its last 10%), as `nemo_tst.demo.megatron_args`
-builds it. Runs (N = --steps):
+schedule spanning its own length (decay over its last 10%). Each run's arguments are a recipe's
+`megatron_args()` (nemo_tst/conf/recipes, the --size preset's recipe and overrides) with the
+run's length, s, r and paths as overrides (`megatron_argv`). Runs (N = --steps):
 
     baseline        s = 1 for N steps             (FLOPs of N steps)
     tst_s4          s = 4 for the first r*N steps, then next-token training (same FLOPs)
@@ -54,26 +55,30 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-# Model and schedule presets (keys as conf/demo.yaml, read by nemo_tst.demo.megatron_args).
+from nemo_tst.training.driver import last_value  # noqa: E402
+
+# Model and schedule presets: a recipe (nemo_tst/conf/recipes/<recipe>.yaml) and overrides of
+# it; model.vocab_size is the BPE's size. corpus_bytes and steps are the benchmark's own.
 SIZES = {
     # The GPU default: small enough that 4 concurrent runs of ~8k steps fit in minutes.
-    "budget": dict(layers=6, hidden=384, heads=6, ffn=1024, seq=256, mbs=32, gbs=32, lr=1.5e-3,
-                   eval_iters=20, vocab=16384, corpus_bytes=None),
+    "budget": dict(recipe="tst_demo_gpu", overrides=[
+        "model.num_layers=6", "model.hidden_size=384", "model.num_attention_heads=6",
+        "model.ffn_hidden_size=1024", "model.seq_length=256", "model.vocab_size=16384",
+        "training.lr=1.5e-3", "training.min_lr=1.5e-4", "training.eval_iters=20"],
+        corpus_bytes=None),
     # The shape earlier sessions timed on a lent H100 (megatron-core 0.19, local spec, bf16): about
-    # 114 ms a step, far beyond a 25-minute budget.
-    "note": dict(layers=12, hidden=768, heads=12, ffn=2048, seq=512, mbs=32, gbs=32, lr=1.0e-3,
-                 eval_iters=20, vocab=16384, corpus_bytes=None),
+    # 114 ms a step, far beyond a 25-minute budget. The GPU demo's model with a larger BPE.
+    "note": dict(recipe="tst_demo_gpu", overrides=["model.vocab_size=16384", "training.eval_iters=20"],
+                 corpus_bytes=None),
     # The CPU demo's model (conf/demo.yaml "cpu"): with --steps 8000 the four runs take about 70
     # minutes on 2 cores, long enough for the recovery phase; the GPU sizes are out of reach there.
-    "cpu": dict(layers=4, hidden=128, heads=4, ffn=344, seq=64, mbs=16, gbs=16, lr=2.0e-3,
-                eval_iters=8, vocab=4096, corpus_bytes=80_000_000),
+    "cpu": dict(recipe="tst_demo_cpu", overrides=[], corpus_bytes=80_000_000),
     # CPU smoke test: checks the pipeline, not the method (40 steps cannot show TST's gain).
-    "cpu-smoke": dict(layers=2, hidden=64, heads=4, ffn=172, seq=64, mbs=8, gbs=8, lr=3.0e-3,
-                      eval_iters=2, vocab=1024, corpus_bytes=3_000_000, steps=40),
+    "cpu-smoke": dict(recipe="tst_tiny", overrides=["parallel.micro_batch_size=8"],
+                      corpus_bytes=3_000_000, steps=40),
 }
 
 SKIP_DIRS = {"__pycache__", "site-packages", "dist-packages", "test", "tests", "idle_test"}
-TRACKER = "latest_checkpointed_iteration.txt"
 
 
 # ----- corpus and data -------------------------------------------------------------------------
@@ -175,8 +180,10 @@ def prepare_data(work: Path, *, vocab: int, max_bytes, bpe_bytes: int, workers: 
 
 
 def latest_iteration(run_dir: Path, phase: int):
-    tracker = run_dir / "ckpt" / f"phase{phase}" / TRACKER
-    return int(tracker.read_text().strip()) if tracker.is_file() else None
+    """The latest complete checkpoint of one phase of a run (its --save is run_dir/ckpt)."""
+    from nemo_tst.core.run_dir import latest_iteration as tracked, phase_dir
+
+    return tracked(phase_dir(run_dir / "ckpt", phase))
 
 
 def eval_interval(steps: list[int], longest_gap: int) -> int:
@@ -188,21 +195,49 @@ def eval_interval(steps: list[int], longest_gap: int) -> int:
     return max(d for d in range(1, g + 1) if g % d == 0 and d <= max(longest_gap, 1))
 
 
-def megatron_argv(size: dict, data: dict, *, steps: int, bag_size: int, r: float, warmup: int,
-                  eval_every: int, save_every: int, save: Path, cpu: bool, attention) -> list[str]:
-    from nemo_tst.demo import megatron_args
-
-    cfg = dict(size, iters=steps, warmup=warmup, eval_interval=eval_every)
-    argv = megatron_args(cfg, data, cpu=cpu)
-    # Later occurrences win in Megatron's parser: logging and checkpoint cadence for this use.
-    argv += ["--log-interval", str(max(min(eval_every, 100) // 2, 1)), "--save-interval", str(save_every),
-             "--tst-bag-size", str(bag_size), "--tst-phase1-fraction", str(r), "--save", str(save),
-             # Megatron caches dataset indices beside the data by default; runs started together
-             # with the same dataset settings would write and read the same files at once.
-             "--data-cache-path", str(save.parent / "index_cache")]
+def run_overrides(data: dict, *, steps: int, bag_size: int, r: float, warmup: int, eval_every: int,
+                  save_every: int, save: Path, cpu: bool, attention, log_every=None) -> list[str]:
+    """The overrides of one run on top of the size's recipe: its length and schedule cadence,
+    s and r, data, checkpoints, device."""
+    prefix = data["train_prefix"].removesuffix("_train")
+    assert data["valid_prefix"] == f"{prefix}_valid", data
+    extra = ["--data-cache-path", str(save.parent / "index_cache")]
     if attention:
-        argv += ["--tst-attention", attention]
-    return argv
+        extra += ["--tst-attention", attention]
+    return [
+        f"training.train_iters={steps}", f"training.warmup_iters={warmup}",
+        f"training.eval_interval={eval_every}", f"training.save_interval={save_every}",
+        f"training.log_interval={log_every or max(min(eval_every, 100) // 2, 1)}",
+        f"tst.bag_size={bag_size}", f"tst.phase1_fraction={r}",
+        f"data.prefix={json.dumps(prefix)}", f"data.tokenizer={json.dumps(data['tokenizer'])}",
+        f"model.vocab_size={data['vocab_size']}", "data.num_workers=0",
+        f"cpu={'true' if cpu else 'false'}",
+        "transformer_impl=local",  # plain PyTorch layers: the pip install has no Transformer Engine
+        f"run_dir={json.dumps(str(save))}",
+        # Megatron caches dataset indices beside the data by default; runs started together
+        # with the same dataset settings would write and read the same files at once.
+        f"extra_args={json.dumps(extra)}",
+    ]
+
+
+def megatron_argv(recipe, data: dict, **run) -> list[str]:
+    """One run's `nemo-tst pretrain` arguments: the size's recipe with `run_overrides(**run)`."""
+    from nemo_tst.recipes.catalog import apply_overrides
+
+    return apply_overrides(recipe, run_overrides(data, **run)).megatron_args()
+
+
+def size_recipe(size_name: str, *, vocab=None, lr=None):
+    """The --size preset's recipe, with --vocab and --lr (min LR lr/10) applied."""
+    from nemo_tst.recipes.catalog import load_recipe
+
+    preset = SIZES[size_name]
+    overrides = list(preset["overrides"])
+    if vocab:
+        overrides.append(f"model.vocab_size={vocab}")
+    if lr:
+        overrides += [f"training.lr={lr}", f"training.min_lr={lr / 10}"]
+    return load_recipe(preset["recipe"], overrides=overrides)
 
 
 def say(line: str) -> None:
@@ -261,7 +296,7 @@ def run_one(name: str, argv: list[str], run_dir: Path, steps: int, deadline, thr
     t0, rc = time.time(), 0
     say(f"[quality] {name}: start ({steps} steps), log {log}")
     with open(run_dir / "driver.out", "a") as out:
-        bag_size = argv[max(i for i, a in enumerate(argv) if a == "--tst-bag-size") + 1]  # last wins
+        bag_size = last_value(argv, "--tst-bag-size")
         for phase in ("2",) if bag_size == "1" else ("1", "2"):
             if phase == "1" and latest_iteration(run_dir, 2) is not None:
                 continue  # phase 2 started: phase 1 is complete
@@ -299,7 +334,7 @@ def run_all(jobs: list[tuple], concurrency: int) -> list[dict]:
 _ITER_MS = re.compile(r"elapsed time per iteration \(ms\): ([\d.]+)")
 
 
-def calibrate(work: Path, size: dict, data: dict, *, slots: int, cpu: bool, attention, steps: int = 150,
+def calibrate(work: Path, recipe, data: dict, *, slots: int, cpu: bool, attention, steps: int = 150,
               threads=None) -> dict:
     """Milliseconds per iteration with `slots` runs sharing the device, and the seconds a run
     spends outside its iterations (start-up, data indices, saves)."""
@@ -307,9 +342,9 @@ def calibrate(work: Path, size: dict, data: dict, *, slots: int, cpu: bool, atte
     for i in range(slots):
         d = work / f"calibrate_{i}"
         shutil.rmtree(d, ignore_errors=True)  # a fresh measurement, not a resumed one
-        argv = megatron_argv(size, data, steps=steps, bag_size=1, r=0.5, warmup=10, eval_every=steps,
-                             save_every=steps, save=d / "ckpt", cpu=cpu, attention=attention)
-        jobs.append((f"calibrate_{i}", argv + ["--log-interval", "10"], d, steps, None, threads))
+        argv = megatron_argv(recipe, data, steps=steps, bag_size=1, r=0.5, warmup=10, eval_every=steps,
+                             save_every=steps, save=d / "ckpt", cpu=cpu, attention=attention, log_every=10)
+        jobs.append((f"calibrate_{i}", argv, d, steps, None, threads))
     t0 = time.time()
     statuses = run_all(jobs, slots)
     wall = time.time() - t0
@@ -456,12 +491,10 @@ def main(argv=None) -> dict:
     start = time.time()
     deadline = start + opts.budget_minutes * 60 if opts.budget_minutes else None
     size_name = opts.size or ("cpu-smoke" if cpu else "budget")
-    size = dict(SIZES[size_name])
-    size["vocab"] = opts.vocab or size["vocab"]
-    size["lr"] = opts.lr or size["lr"]
-    preset_bytes = size.pop("corpus_bytes", None)
+    recipe = size_recipe(size_name, vocab=opts.vocab, lr=opts.lr)
+    preset_bytes = SIZES[size_name]["corpus_bytes"]
     max_bytes = opts.corpus_bytes if opts.corpus_bytes is not None else preset_bytes
-    preset_steps = size.pop("steps", None)
+    preset_steps = SIZES[size_name].get("steps")
     n_runs = 2 + len(opts.baseline_multipliers) + len(opts.extra_bag_sizes)
     concurrency = opts.concurrency or (min(2, n_runs) if cpu else n_runs)
     threads = max(1, (os.cpu_count() or 1) // concurrency) if cpu else None
@@ -479,9 +512,8 @@ def main(argv=None) -> dict:
     attention_used = attention or (f"{probe.get_default('tst_attention')} (trainer default)"
                                    if has_attention_flag else "unfused (local spec)")
 
-    data = prepare_data(work, vocab=size["vocab"], max_bytes=max_bytes, bpe_bytes=int(opts.bpe_bytes),
+    data = prepare_data(work, vocab=recipe.model.vocab_size, max_bytes=max_bytes, bpe_bytes=int(opts.bpe_bytes),
                         workers=max(os.cpu_count() or 1, 1))
-    size["vocab"] = data["vocab_size"]
     if opts.data_only:
         print(f"[quality] data ready in {work} ({time.time() - start:.0f}s)", flush=True)
         return {"data": data}
@@ -504,7 +536,7 @@ def main(argv=None) -> dict:
     else:
         if deadline is None:
             raise SystemExit("give --steps N or a --budget-minutes to calibrate N for")
-        calibration = calibrate(work, size, data, slots=concurrency, cpu=cpu, attention=attention,
+        calibration = calibrate(work, recipe, data, slots=concurrency, cpu=cpu, attention=attention,
                                 threads=threads)
         mults = [1.0, 1.0, *opts.baseline_multipliers, *[1.0] * len(opts.extra_bag_sizes)]
         # With --prepare-only, plan for a later call that starts with data and plan ready.
@@ -534,25 +566,25 @@ def main(argv=None) -> dict:
     jobs = []
     for name, (s, steps) in runs.items():
         run_dir = work / f"N{N}" / name
-        argv_run = megatron_argv(size, data, steps=steps, bag_size=s, r=opts.phase1_fraction,
+        argv_run = megatron_argv(recipe, data, steps=steps, bag_size=s, r=opts.phase1_fraction,
                                  warmup=warmup, eval_every=every, save_every=save_every,
                                  save=run_dir / "ckpt", cpu=cpu, attention=attention)
         jobs.append((name, argv_run, run_dir, steps, deadline, threads))
     statuses = run_all(jobs, concurrency)
 
     # ----- read the logs back
-    from nemo_tst.superposition import SuperpositionConfig
-    from nemo_tst.training.arguments import TSTPlan
+    from nemo_tst.training.arguments import plan_from_args
+    from nemo_tst.training.driver import parse_megatron_args
     from nemo_tst.training.logs import parse_training_log
 
     results, phase1_end = {}, {}
-    for (name, _, run_dir, steps, _, _), status in zip(jobs, statuses):
+    model = recipe.model
+    for (name, argv_run, run_dir, steps, _, _), status in zip(jobs, statuses):
         s = runs[name][0]
         log_path = run_dir / "train.log"
         log = parse_training_log(log_path.read_text(errors="replace")) if log_path.is_file() else None
-        n1 = int(round(opts.phase1_fraction * steps))
-        plan = TSTPlan(superposition=SuperpositionConfig(bag_size=s), seq_length=size["seq"],
-                       global_batch_size=size["gbs"], train_iters=steps, phase1_iters=n1)
+        plan = plan_from_args(parse_megatron_args(argv_run))  # the plan the run trained
+        n1 = plan.phase1_iters
         valid = dict(log.valid) if log else {}
         results[name] = {
             "bag_size": s, "steps": steps, "phase1_iters": n1 if s > 1 else 0,
@@ -588,9 +620,9 @@ def main(argv=None) -> dict:
                      (C.fmt(sm.get("iso_loss_speedup"), ".2f") + "x" if sm.get("iso_loss_speedup")
                       else sm.get("speedup_how", "-")) if sm else "-",
                      f"{r['wall_seconds']:.0f}", r["status"].split(":")[0]])
-    title = (f"quality at equal FLOPs: {size['layers']} layers, hidden {size['hidden']}, "
-             f"{size['heads']} heads, ffn {size['ffn']}, V {size['vocab']}, L {size['seq']}, "
-             f"global batch {size['gbs']}, {attention_used} attention, N = {N}, TST r = "
+    title = (f"quality at equal FLOPs: {model.num_layers} layers, hidden {model.hidden_size}, "
+             f"{model.num_attention_heads} heads, ffn {model.ffn_hidden_size}, V {data['vocab_size']}, "
+             f"L {model.seq_length}, global batch {recipe.training.global_batch_size}, {attention_used} attention, N = {N}, TST r = "
              f"{opts.phase1_fraction}, held-out "
              f"next-token loss every {every} steps; {env['device']}")
     md = C.print_table(title, ["run", "s", "steps", "text tokens", "final loss", "TST - base",
@@ -615,7 +647,10 @@ def main(argv=None) -> dict:
     plotted = plot(results, phase1_end, points, png)
     payload = {"benchmark": "quality", "command": C.command_line(), "env": env,
                "config": {k: v for k, v in vars(opts).items() if k != "out"} | {
-                   "size_name": size_name, "size": size, "steps": N, "eval_interval": every,
+                   "size_name": size_name,
+                   "size": {"recipe": recipe.name, "overrides": SIZES[size_name]["overrides"],
+                            "vocab": data["vocab_size"], "lr": recipe.training.lr},
+                   "steps": N, "eval_interval": every,
                    "warmup": warmup, "concurrency": concurrency, "attention": attention_used},
                "data": data, "calibration": calibration, "runs": results, "summary": summary,
                "targets": {"minus_baseline": -0.03, "iso_loss_speedup": 1.25},

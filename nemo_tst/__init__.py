@@ -1,8 +1,12 @@
 """nemo-tst: Token-Superposition Training for Megatron-Core / NeMo pretraining.
 
-Layers, each knowing only the one below it:
-    nemo_tst.superposition   the TST math (torch + megatron.core)
-    nemo_tst.training        glue to megatron.training's trainer
+Layers, each knowing only those below it:
+    nemo_tst.superposition   the TST math: bags, embedding, multi-hot loss (torch + megatron.core)
+    nemo_tst.core            what a run is, for any trainer: settings, plan, data stream,
+                             losses, run directory (megatron.core)
+    nemo_tst.training        adapter to Megatron-LM's trainer (megatron.training)
+    nemo_tst.bridge          adapter to Megatron-Bridge (optional; never megatron.training)
+    nemo_tst.recipes         recipes as data (nemo_tst/conf), plan, NeMo-Run launching
     nemo_tst.demo, cli       the demo and the `nemo-tst` command
 `nemo_tst.cpu` runs Megatron on CPU (tests, CI, the CPU demo) and is opt-in.
 

@@ -4,9 +4,12 @@
     nemo-tst preprocess --input PATH [PATH ...] --output-prefix PREFIX (--tokenizer tokenizer.json
                         | --train-tokenizer --vocab-size V) [--workers W] [--held-out-fraction F]
     nemo-tst demo [--out DIR] [--bag-size 4] [--phase1-fraction 0.3] [--size ci|cpu|gpu]
-    nemo-tst plan RECIPE [--gpus G] [--precision P] [section.field=value ...] [--json]
+    nemo-tst plan RECIPE [--gpus G] [--precision P] [section.field=value ...] [--json | --args]
                   [--corpus-tokens T] [--tokens-per-gpu-second X | --mfu M --peak-tflops F]
-    nemo-tst recipes                 the recipes in conf/recipes and the precision presets
+                  [--recipe-dir DIR]
+    nemo-tst recipes [--recipe-dir DIR]
+                 the built-in recipes (nemo_tst/conf/recipes), DIR's <name>.yaml recipes
+                 (same schema; they win over a built-in of the same name), precision presets
     nemo-tst run --factory RECIPE[(gpus=G, precision=P)] [recipe.section.field=value ...]
                  [run.executor=local|slurm|docker run.executor.FIELD=value ...] [--dryrun] [--yes]
                  NeMo-Run: phase 1 then phase 2 as a two-stage experiment
@@ -23,32 +26,47 @@ import sys
 import warnings
 from pathlib import Path
 
+from nemo_tst.errors import ArgumentParser, fraction, positive_int
+from nemo_tst.training.logs import quiet_cuda_runtime_notice
+
 # megatron-core warns at import about optional CUDA extensions (Apex, Transformer Engine) and
 # experimental modules; none of it is actionable for a nemo-tst user.
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|transformer-engine|absl|experimental).*")
+# torch logs "No CUDA runtime is found, using CUDA_HOME=..." when megatron.core first imports
+# torch.utils.cpp_extension on a machine with a CUDA toolkit but no usable GPU.
+quiet_cuda_runtime_notice()
 
 __all__ = ["main"]
 
 
-def _pretrain(rest: list[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="nemo-tst pretrain",
-        description="Two-phase TST pretraining with Megatron-LM's trainer. All arguments other "
-        "than these are Megatron-LM GPT arguments (--num-layers, --seq-length, --save, ...) and "
-        "--tst-* arguments (see `python -m nemo_tst.training.pretrain --help`).",
-    )
-    parser.add_argument("--nproc-per-node", type=int, default=1,
+def _pretrain_options(parser) -> None:
+    """The options `nemo-tst pretrain` adds to Megatron-LM's and the --tst-* ones."""
+    parser.add_argument("--nproc-per-node", type=positive_int, default=1,
                         help="Processes (GPUs, or CPU ranks with --tst-cpu) on this machine.")
     parser.add_argument("--log-file", type=Path, default=None,
                         help="Append the trainer's whole output here (default: SAVE/train.log) and "
                              "keep it off the terminal (default: the terminal shows its progress lines).")
+    parser.add_argument("--megatron-help", action="store_true",
+                        help="Show every Megatron-LM argument too, then exit.")
+
+
+def _pretrain(rest: list[str]) -> None:
+    if "-h" in rest or "--help" in rest or "--megatron-help" in rest:
+        from nemo_tst.training.arguments import help_text
+
+        print(help_text("nemo-tst pretrain", megatron="--megatron-help" in rest,
+                        launcher_options=_pretrain_options))
+        return
+    parser = ArgumentParser(prog="nemo-tst pretrain", add_help=False, allow_abbrev=False)
+    _pretrain_options(parser)
     opts, megatron_argv = parser.parse_known_args(rest)
     from nemo_tst.training.driver import run
-    from nemo_tst.training.logs import is_progress_line
+    from nemo_tst.training.logs import progress_text
 
     def echo(line: str) -> None:
-        if is_progress_line(line):
-            sys.stdout.write(line)
+        text = progress_text(line)
+        if text is not None:
+            sys.stdout.write(text)
             sys.stdout.flush()
 
     plan = run(megatron_argv, nproc=opts.nproc_per_node, log_file=opts.log_file,
@@ -79,31 +97,42 @@ def _demo(rest: list[str]) -> None:
 def _plan(rest: list[str]) -> None:
     from nemo_tst.recipes import format_plan, load_recipe, plan_report, recipe_names
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="nemo-tst plan",
         description="Steps, text tokens and FLOPs per phase, the equal-FLOPs baseline, the data "
         "budget and estimated GPU-hours of a recipe, after validating it.",
     )
-    parser.add_argument("recipe", help=f"one of {recipe_names()}")
+    parser.add_argument("recipe", help=f"one of {recipe_names()}, or a <name>.yaml of --recipe-dir")
+    parser.add_argument("--recipe-dir", type=Path, default=None,
+                        help="a directory of your own <name>.yaml recipes (the built-ins' schema); "
+                             "one named like a built-in recipe wins")
     parser.add_argument("overrides", nargs="*", help="section.field=value, e.g. tst.bag_size=8")
-    parser.add_argument("--gpus", type=int, default=None, help="which parallel preset (1, 8, 64)")
-    parser.add_argument("--precision", default="bf16", help="a preset of conf/precision.yaml")
-    parser.add_argument("--corpus-tokens", type=lambda text: int(float(text)), default=None,
+    parser.add_argument("--gpus", type=positive_int, default=None, help="which parallel preset (1, 8, 64)")
+    parser.add_argument("--precision", default="bf16", help="a preset of nemo_tst/conf/precision.yaml")
+    parser.add_argument("--corpus-tokens", type=_token_count, default=None,
                         help="unique training tokens available (default: counted from "
                              "data.prefix when it exists here)")
-    parser.add_argument("--tokens-per-gpu-second", type=float, default=None,
+    parser.add_argument("--tokens-per-gpu-second", type=fraction(0, float("inf")), default=None,
                         help="measured throughput (positions/s per GPU) for the estimate")
-    parser.add_argument("--mfu", type=float, default=0.4, help="model-FLOP utilisation, if no throughput")
-    parser.add_argument("--peak-tflops", type=float, default=989.0,
+    parser.add_argument("--mfu", type=fraction(0, 1, high_open=False), default=0.4,
+                        help="model-FLOP utilisation in (0, 1], if no throughput")
+    parser.add_argument("--peak-tflops", type=fraction(0, float("inf")), default=989.0,
                         help="per-GPU peak (H100 bf16 dense: 989)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    opts = parser.parse_args(rest)
+    parser.add_argument("--args", action="store_true",
+                        help="print only the recipe's `nemo-tst pretrain` arguments (Megatron-LM "
+                             "and --tst-*), one per line, for launch scripts")
+    # Intermixed: overrides may follow options (`plan NAME --recipe-dir D tst.bag_size=8`);
+    # parse_args would have consumed the empty override list right after NAME.
+    opts = parser.parse_intermixed_args(rest)
     recipe = load_recipe(opts.recipe, gpus=opts.gpus, precision=opts.precision,
-                         overrides=opts.overrides)
+                         overrides=opts.overrides, recipe_dir=opts.recipe_dir)
     report = plan_report(recipe, corpus_tokens=opts.corpus_tokens,
                          tokens_per_gpu_second=opts.tokens_per_gpu_second, mfu=opts.mfu,
                          peak_tflops=opts.peak_tflops)
-    if opts.json:
+    if opts.args:  # recipes/pretrain_gpt_tst.sh reads these lines into its launch argv
+        print("\n".join(report["megatron_args"]))
+    elif opts.json:
         import json
 
         print(json.dumps(report, indent=2))
@@ -114,8 +143,16 @@ def _plan(rest: list[str]) -> None:
 def _recipes(rest: list[str]) -> None:
     from nemo_tst.recipes import load_recipe, precision_names, recipe_names
 
-    for name in recipe_names():
-        recipe = load_recipe(name)  # with its default parallel preset
+    parser = ArgumentParser(
+        prog="nemo-tst recipes",
+        description="The built-in recipes, those of --recipe-dir, and the precision presets.",
+    )
+    parser.add_argument("--recipe-dir", type=Path, default=None,
+                        help="a directory of your own <name>.yaml recipes (the built-ins' schema); "
+                             "one named like a built-in recipe wins")
+    opts = parser.parse_args(rest)
+    for name in recipe_names(opts.recipe_dir):
+        recipe = load_recipe(name, recipe_dir=opts.recipe_dir)  # with its default parallel preset
         total, active = recipe.model.parameters()
         print(f"{name:22} {total / 1e9:7.2f}B ({active / 1e9:.2f}B active)  s={recipe.tst.bag_size}  "
               f"N={recipe.training.train_iters}  default gpus={recipe.parallel.num_gpus}")
@@ -134,14 +171,14 @@ def _run(rest: list[str]) -> None:
 
 
 def _export_hf(rest: list[str]) -> None:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="nemo-tst export-hf",
         description="Write a TST run's trained model as a Hugging Face transformers checkpoint "
         "(config.json, model.safetensors, generation_config.json, the tokenizer).",
     )
     parser.add_argument("run_dir", type=Path, help="the run's --save directory")
     parser.add_argument("out", type=Path, help="directory to write (absent or empty)")
-    parser.add_argument("--iteration", type=int, default=None,
+    parser.add_argument("--iteration", type=_iteration, default=None,
                         help="checkpoint to export (default: phase 2's final one)")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="fp32")
     parser.add_argument("--allow-phase1", action="store_true",
@@ -157,6 +194,27 @@ def _export_hf(rest: list[str]) -> None:
     print(f"[nemo-tst] wrote {out}: AutoModelForCausalLM.from_pretrained({str(out)!r})")
 
 
+def _token_count(text: str) -> int:
+    """argparse type: a token count >= 1, also written as 1e9."""
+    import argparse
+    import math
+
+    value = float(text)
+    if not math.isfinite(value) or value < 1 or value != int(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a whole number of tokens >= 1")
+    return int(value)
+
+
+def _iteration(text: str) -> int:
+    """argparse type: an iteration, a whole number >= 0."""
+    import argparse
+
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not an iteration (a whole number >= 0)")
+    return value
+
+
 COMMANDS = {"pretrain": _pretrain, "preprocess": _preprocess, "demo": _demo, "plan": _plan,
             "recipes": _recipes, "run": _run, "export-hf": _export_hf}
 
@@ -170,11 +228,16 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         return 0 if argv else 2
+    from nemo_tst.errors import DEBUG_ENV, USER_ERRORS, UsageError, debugging, one_line
+
     try:
         COMMANDS[argv[0]](argv[1:])
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
-        print(f"nemo-tst {argv[0]}: error: {err}", file=sys.stderr)
-        return 1
+    except USER_ERRORS as err:
+        if debugging():
+            raise
+        hint = "" if isinstance(err, UsageError) else f" ({DEBUG_ENV}=1 shows the traceback)"
+        print(f"nemo-tst {argv[0]}: error: {one_line(err)}{hint}", file=sys.stderr)
+        return 2 if isinstance(err, UsageError) else 1
     return 0
 
 

@@ -1,8 +1,9 @@
 """Megatron-Core and megatron.training on CPU with gloo: every patch in one place, all opt-in.
 
 For tests, CI and the CPU demo only. Nothing else in `nemo_tst` imports this module, and it
-changes nothing until `enable_megatron_cpu()` is called. Written against megatron-core 0.19.2
-(file:line below are inside `megatron/`).
+changes nothing until `enable_megatron_cpu()` is called. Written against megatron-core 0.19;
+every Megatron name it patches or relies on is listed in `MEGATRON_NAMES`, and
+tests/test_cpu_support.py checks that each still exists in the installed megatron-core.
 
 USAGE, MODEL LEVEL (build a GPTModel and run forward/backward on CPU; TP/PP/EP over gloo)::
 
@@ -24,8 +25,8 @@ USAGE, MODEL LEVEL (build a GPTModel and run forward/backward on CPU; TP/PP/EP o
 - MoE: `moe_token_dispatcher_type="allgather"` (EP over gloo works). Not on CPU: "alltoall"
   (gloo's all_to_all_single rejects its split sizes), MoE with TP>1 in training mode (Megatron
   requires sequence parallel, which the local spec does not support), expert biases with TP=1
-  (an in-place add on a custom-Function output in mlp.py:354; upstream, not CPU): use
-  `add_bias_linear=False` for MoE.
+  (Megatron's MLP adds the bias in place to a custom Function's output; upstream, not CPU):
+  use `add_bias_linear=False` for MoE.
 - PP>1: pass `pipeline_dtype` in the config and run Megatron's schedule
   (`get_forward_backward_func()`), as on GPU; p2p over gloo works.
 
@@ -46,88 +47,28 @@ Checked: world size 1; TP=2; PP=2 (also interleaved); DP=2 with and without
 MoE EP=2 (allgather); --bf16. Each saves torch_dist checkpoints and resumes from them with the
 same losses as an uninterrupted run.
 
-HOW IT PATCHES (narrowest first; each replaced object keeps the original as `__wrapped__`;
-`disable_megatron_cpu()` restores everything; calling enable twice is a no-op; with CUDA
-available it refuses unless `force=True`)
+HOW IT PATCHES. Every patch is one entry of `_PATCHES`: a Megatron attribute, named
+"module:qualified.name", and what replaces it; a comment at each entry says why. The replaced
+object keeps the original as `__wrapped__`; `disable_megatron_cpu()` restores everything;
+calling enable twice is a no-op; with CUDA available it refuses unless `force=True`. Three kinds:
 
-1. The CPU view of torch. In the modules of table A only, the global name `torch` is rebound
-   to a module object that forwards everything to torch except: `torch.cuda.current_device()`
-   -> torch.device("cpu"); `synchronize`, `empty_cache`, `set_device` -> no-ops; `Stream`,
-   `Event`, `current_stream`, `stream(...)` -> no-op stand-ins; memory statistics -> 0;
-   `torch.cuda.{get,set}_rng_state`, `manual_seed` -> the CPU generator; factory functions
-   (`torch.empty/zeros/ones/full/tensor/arange/rand...`) and `torch.device(...)` map a CUDA
-   device to CPU. `torch.cuda.is_available()` stays False. torch itself is untouched.
-2. Tensor methods (`t.cuda()`, `t.type() == "torch.cuda.FloatTensor"`) cannot be reached that
-   way: the functions of table B run with `Tensor.cuda` = identity and `Tensor.type()` naming a
-   CPU tensor by its CUDA type, for the duration of the call only.
-3. Function replacements, table C.
-
-A. Modules whose `torch` is the CPU view (what they call)
-   model level (always):
-   models/common/embeddings/rotary_pos_embedding.py:78,162,305   current_device (inv_freq)
-   tensor_parallel/mappings.py:95,145,152,185,447                 current_device (buffers)
-   tensor_parallel/random.py:303-306                              cuda get_rng_state/manual_seed
-   tensor_parallel/layers.py:305,647,1000,1041,1363,1403          current_device (GPU-init path)
-   tensor_parallel/data.py:37                                     device='cuda' (broadcast_data)
-   transformer/dot_product_attention.py:121-132                   current_device (softmax_offset)
-   transformer/moe/router.py:98-100,184-247                       current_device
-   transformer/utils.py:39,44                                     causal/SWA mask on "cuda"
-   utils.py:715,1332,2189-2300                                    current_device, "cuda" tensors
-   pipeline_parallel/schedules.py:749,1121,2292                   "cuda" token counters
-   pipeline_parallel/p2p_communication.py:211-223,263,334-342,419 recv buffers, synchronize
-   trainer (trainer=True):
-   training/training.py:1131,1137,1876-1896,2613,2884,3298,4270-4379,4588-4653
-                                               "cuda" tensors, DDP-init stream, empty_cache
-   training/checkpointing.py:375,398-417,2664-2677   "cuda" tensor, cuda RNG state save/load
-   training/utils/common_utils.py:55-60,222-227      "cuda" tensors, memory report
-   training/initialize.py:131,270-283,447,509-558    also device_count() -> 1, so model-parallel
-                                                     init and RNG seeding run (0 skips both)
-   core/optimizer/clip_grads.py:96-112,180,231; optimizer.py:315,690-702,1249;
-   distrib_optimizer.py:998; grad_scaler.py:20,111-117        "cuda" tensors
-   core/distributed/param_and_grad_buffer.py:632,691,814,1162-1186;
-   distributed_data_parallel.py:297,649,672                     current_device, streams, sync
-   core/rerun_state_machine.py:264,268,978-992                  "cuda" tensors, cuda RNG state
-   core/timers.py:152,165,303                                   synchronize
-   core/dist_checkpointing/strategies/state_dict_saver.py:204; filesystem_async.py:248;
-   fully_parallel.py:287,296; async_utils.py:224,273,698; exchange_utils.py:103,109,329
-B. Functions run with CPU tensors passing as CUDA tensors
-   models/common/language_module/language_module.py:307  LanguageModule.
-       setup_embeddings_and_output_layer: `weight.data.cuda()` (tied embeddings, PP > 1)
-   tensor_parallel/data.py:84 broadcast_data (also the tensor_parallel re-export): `.cuda()`
-   optimizer/clip_grads.py:174 clip_grad_by_total_norm_fp32 (also optimizer.py's by-name
-       import): `assert param.grad.type() == 'torch.cuda.FloatTensor'`
-   optimizer/distrib_optimizer.py:401,466,758 DistributedOptimizer.__init__, optimizer.py:
-       1009,1028 Float16OptimizerWithFloat16Params.__init__: params sorted by `.type()`
-   dist_checkpointing/exchange_utils.py:339,506 exchange_loaded_tensors_{gather_rounds,
-       broadcast}: `.cuda()` on loaded shards (--ckpt-fully-parallel-load)
-C. Replaced functions
-   tensor_parallel/random.py:104-175 `_get_cuda_rng_state`, `_set_cuda_rng_state` -> CPU
-       generator state (the RNG tracker's states live on the CPU generator; a log filter drops
-       fork()'s "CPU RNG state changed within GPU RNG context" warning, random.py:331-333)
-   trainer only:
-   training/initialize.py:42-66 `initialize_megatron` (and training.py's by-name import):
-       allow_no_cuda=True (pretrain passes nothing, so it asserts torch.cuda.is_available())
-   training/initialize.py:497-558 `_warmup_jit_function`: skipped (on CPU it compiled, with
-       inductor and a C++ compiler, fused functions the CPU arguments never call, ~2 s a launch;
-       its torch.rand(..., device="cuda") sized by TP would also shift the CPU-init weights)
-   training/utils/common_utils.py:502-504 `get_device_arch_version` (and arguments.py's and
-       training.utils' by-name imports) -> 0 (it reads cuda:0's properties)
-   core/datasets/utils.py:20-30 `compile_helpers`: skip `make` when the shipped helpers_cpp
-       extension imports (the wheel has no Makefile)
-   core/transformer/module.py MegatronModule.cuda -> returns self (training.py:1818 calls
-       model.cuda(current_device()))
-   core/dist_checkpointing/strategies/torch.py:725 `TorchDistSaveShardedStrategy.save` (the
-       synchronous torch_dist save) and filesystem_async.py:53 `get_write_results_queue`: the
-       writers' results go through an in-process queue.Queue during a synchronous save instead
-       of a "spawn" multiprocessing Manager (a fresh interpreter importing torch, seconds of CPU
-       at each launch's first save); --async-save keeps the Manager. Speed only, not a blocker.
-   core/optimizer/distrib_optimizer.py (only without Apex/TE, i.e. always on CPU):
-       `sharded_state_dict(is_loading=True)` first fills empty optimizer state with
-       Megatron's dummy step (837-839 assert otherwise, before the first step);
-       `load_state_dict` then sets each parameter's own `step` from the checkpoint's
-       param_groups (1024-1030 share one tensor that torch Adam increments per parameter);
-       `_set_main_param_and_optimizer_states` under no_grad (1225 copies into a view of a
-       leaf that requires grad with fp32 params)
+1. The CPU view of torch (`module:torch`). In those modules only, the global name `torch` is
+   rebound to a module object that forwards everything to torch except:
+   `torch.cuda.current_device()` -> torch.device("cpu"); `synchronize`, `empty_cache`,
+   `set_device` -> no-ops; `Stream`, `Event`, `current_stream`, `stream(...)` -> no-op
+   stand-ins; memory statistics -> 0; `torch.cuda.{get,set}_rng_state`, `manual_seed` -> the
+   CPU generator; factory functions (`torch.empty/zeros/ones/full/tensor/arange/rand...`) and
+   `torch.device(...)` map a CUDA device to CPU. `torch.cuda.is_available()` stays False.
+   torch itself is untouched.
+2. CPU tensors passing as CUDA tensors. Tensor methods (`t.cuda()`, `t.type() ==
+   "torch.cuda.FloatTensor"`) cannot be reached through a module's `torch`: a few Megatron
+   functions run with `Tensor.cuda` = identity and `Tensor.type()` naming a CPU tensor by its
+   CUDA type, for the duration of the call only.
+3. Replaced functions and methods: the CUDA RNG tracker's states on the CPU generator,
+   `initialize_megatron` without its CUDA assertion, no JIT warm-up, no GPU architecture, no
+   `make` for the shipped dataset helpers, `MegatronModule.cuda` staying on CPU, synchronous
+   checkpoint saves without a spawned Manager process, and the distributed optimizer's
+   resume without Apex/TE (each function's docstring says why).
 """
 
 import contextlib
@@ -137,11 +78,13 @@ import logging
 import queue
 import threading
 import types
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
 
 __all__ = [
+    "MEGATRON_NAMES",
     "MODEL_CPU_CONFIG",
     "TRAINER_CPU_ARGS",
     "causal_attention_mask",
@@ -327,13 +270,82 @@ def _torch_view(device_count: Optional[int] = None) -> types.ModuleType:
 
 
 # ---------------------------------------------------------------------------------------------
-# Patch bookkeeping: every patch is (owner, attribute, original, replacement); the replacement
-# carries the original as `__wrapped__`; `disable_megatron_cpu` puts the originals back.
+# Patch bookkeeping. `_PATCHES` declares every patch: the Megatron attribute it replaces, named
+# "module:qualified.name", and how to make its replacement from the original. `_RELIED_ON`
+# names what the patches read or call without replacing it, "(param)" marking a keyword they
+# pass. The enable functions apply `_PATCHES` and nothing else; tests/test_cpu_support.py walks
+# both lists against the installed megatron-core.
 # ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Patch:
+    target: str
+    """"module:qualified.name" of the Megatron attribute replaced."""
+    make: Callable[[Any], Any]
+    """The original -> the object put in its place."""
+    trainer: bool = False
+    """Only with `enable_megatron_cpu(trainer=True)` (megatron.training and what it alone uses)."""
+    when: Optional[Callable[[], bool]] = None
+    """If given, the patch applies only when this returns True at enable time."""
+
+
+_PATCHES: list[_Patch] = []
+_RELIED_ON: list[str] = []
+
+
+def _relies_on(target: str) -> str:
+    _RELIED_ON.append(target)
+    return target
+
+
+def _resolve(target: str) -> tuple[Any, str]:
+    """(owner, attribute name) of "module:qualified.name" (a "(param)" suffix is ignored)."""
+    module_name, _, path = target.partition(":")
+    owner = importlib.import_module(module_name)
+    *outer, name = path.split("(")[0].split(".")
+    for part in outer:
+        owner = getattr(owner, part)
+    return owner, name
+
+
+def _megatron_attr(target: str) -> Any:
+    owner, name = _resolve(target)
+    return getattr(owner, name)
+
+
+def _cpu_view_of_torch(*module_names: str, trainer: bool = False,
+                       device_count: Optional[int] = None) -> None:
+    """These modules see the CPU view of torch as their global `torch`."""
+    for module_name in module_names:
+        _PATCHES.append(_Patch(f"{module_name}:torch",
+                               lambda original: _torch_view(device_count), trainer))
+
+
+def _replace(target: str, *by_name_imports: str, trainer: bool = False,
+             when: Optional[Callable[[], bool]] = None) -> Callable[[Callable], Callable]:
+    """Decorator: the function replaces `target` (keeping its signature), and a wrapper of it
+    each of `by_name_imports`, the modules that bound the original under their own name."""
+
+    def register(fn: Callable) -> Callable:
+        _PATCHES.append(_Patch(target, lambda original: fn, trainer, when))
+        for alias in by_name_imports:
+            _PATCHES.append(_Patch(alias, lambda original: _wrapper_alias(fn), trainer, when))
+        return fn
+
+    return register
+
+
+def _run_passing_as_cuda(*targets: str, trainer: bool = False) -> None:
+    """These functions run with CPU tensors passing as CUDA tensors (`_passing_as_cuda`)."""
+    for target in targets:
+        _PATCHES.append(_Patch(target, _passing_as_cuda, trainer))
+
 
 _APPLIED: list[tuple[Any, str, Any, Any]] = []
 _LOG_FILTERS: list[tuple[logging.Logger, logging.Filter]] = []
 _ENABLED = False
+_INHERITED = object()
 
 
 def _patch(owner: Any, name: str, replacement: Any) -> None:
@@ -350,55 +362,72 @@ def _patch(owner: Any, name: str, replacement: Any) -> None:
     _APPLIED.append((owner, name, original if own else _INHERITED, replacement))
 
 
-_INHERITED = object()
+def _apply(trainer: bool) -> None:
+    for p in _PATCHES:
+        if p.trainer == trainer and (p.when is None or p.when()):
+            owner, name = _resolve(p.target)
+            _patch(owner, name, p.make(getattr(owner, name)))
 
 
-def _replace(module_name: str, name: str, *, trainer: bool = False) -> Callable[[Callable], Callable]:
-    """Decorator: the function replaces `module_name.name` (it keeps the signature)."""
+def _wrapper_alias(fn: Callable) -> Callable:
+    """A second function object with the same behaviour, so each patched name has its own
+    `__wrapped__` (the original bound at that name)."""
 
-    def register(fn: Callable) -> Callable:
-        _FUNCTION_PATCHES.append((module_name, name, fn, trainer))
-        return fn
+    @functools.wraps(fn, assigned=("__doc__", "__name__", "__qualname__"), updated=())
+    def alias(*args, **kwargs):
+        return fn(*args, **kwargs)
 
-    return register
-
-
-_FUNCTION_PATCHES: list[tuple[str, str, Callable, bool]] = []
+    return alias
 
 
-# Modules whose global `torch` becomes the CPU view (what each needs: module docstring, table A).
-_MODEL_VIEW_MODULES = (
-    "megatron.core.models.common.embeddings.rotary_pos_embedding",
-    "megatron.core.pipeline_parallel.p2p_communication",
-    "megatron.core.pipeline_parallel.schedules",
-    "megatron.core.tensor_parallel.data",
-    "megatron.core.tensor_parallel.layers",
-    "megatron.core.tensor_parallel.mappings",
-    "megatron.core.tensor_parallel.random",
-    "megatron.core.transformer.dot_product_attention",
-    "megatron.core.transformer.moe.router",
-    "megatron.core.transformer.utils",
-    "megatron.core.utils",
+# ---------------------------------------------------------------------------------------------
+# Model level: megatron.core
+# ---------------------------------------------------------------------------------------------
+
+_cpu_view_of_torch(
+    "megatron.core.models.common.embeddings.rotary_pos_embedding",  # inv_freq on current_device()
+    "megatron.core.pipeline_parallel.p2p_communication",  # receive buffers, synchronize
+    "megatron.core.pipeline_parallel.schedules",  # token counters created on "cuda"
+    "megatron.core.tensor_parallel.data",  # broadcast_data's buffers on "cuda"
+    "megatron.core.tensor_parallel.layers",  # weights on current_device() (GPU-init path)
+    "megatron.core.tensor_parallel.mappings",  # communication buffers on current_device()
+    "megatron.core.tensor_parallel.random",  # torch.cuda RNG state and manual_seed
+    "megatron.core.transformer.dot_product_attention",  # softmax offset on current_device()
+    "megatron.core.transformer.moe.router",  # router tensors on current_device()
+    "megatron.core.transformer.utils",  # causal / sliding-window masks built on "cuda"
+    "megatron.core.utils",  # current_device(), "cuda" tensors (e.g. the global memory buffer)
 )
 
 
 # -- the CUDA RNG tracker on the CPU generator -------------------------------------------------
 
 
-@_replace("megatron.core.tensor_parallel.random", "_get_cuda_rng_state")
+@_replace("megatron.core.tensor_parallel.random:_get_cuda_rng_state")
 def _get_cpu_rng_state(device="cuda", clone=False, graph_safe=False):
-    """CPU stand-in for random.py's `_get_cuda_rng_state`: the CPU generator's state."""
+    """CPU stand-in for `_get_cuda_rng_state`: the CPU generator's state (the RNG tracker's
+    states live on the CPU generator)."""
     if graph_safe:
         raise NotImplementedError("graph-safe (CUDA-graph) RNG states do not exist on CPU")
     return torch.get_rng_state()
 
 
-@_replace("megatron.core.tensor_parallel.random", "_set_cuda_rng_state")
+@_replace("megatron.core.tensor_parallel.random:_set_cuda_rng_state")
 def _set_cpu_rng_state(new_state, device=-1, graph_safe=False):
-    """CPU stand-in for random.py's `_set_cuda_rng_state`: sets the CPU generator's state."""
+    """CPU stand-in for `_set_cuda_rng_state`: sets the CPU generator's state."""
     if graph_safe:
         raise NotImplementedError("graph-safe (CUDA-graph) RNG states do not exist on CPU")
     torch.set_rng_state(new_state)
+
+
+# The tracker's fork() warns, through the logger named after its module, when the CPU RNG
+# moves inside a fork; on CPU the tracked generator *is* the CPU generator, so it always moves.
+_FORK_WARNING_LOGGER = "megatron.core.tensor_parallel.random"
+_relies_on(f"{_FORK_WARNING_LOGGER}:CudaRNGStatesTracker.fork")
+
+
+class _DropForkWarning(logging.Filter):
+    def filter(self, record):
+        return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
 
 
 # -- CPU tensors passing as CUDA tensors inside a few Megatron functions -----------------------
@@ -440,32 +469,14 @@ def _passing_as_cuda(fn: Callable) -> Callable:
     return wrapper
 
 
-def _patch_callers(callers) -> None:
-    for module_name, path in callers:
-        owner = importlib.import_module(module_name)
-        *outer, name = path.split(".")
-        for part in outer:
-            owner = getattr(owner, part)
-        _patch(owner, name, _passing_as_cuda(getattr(owner, name)))
-
-
-# (module, attribute path) of each function that runs under `_cpu_tensors_pass_as_cuda`.
-_MODEL_CUDA_CALLERS = (
-    # language_module.py:307 `weight.data = weight.data.cuda()` (tied embeddings with PP > 1)
-    ("megatron.core.models.common.language_module.language_module",
-     "LanguageModule.setup_embeddings_and_output_layer"),
-    # data.py:84 `data[key].cuda()` (tensor_parallel.broadcast_data)
-    ("megatron.core.tensor_parallel.data", "broadcast_data"),
-    ("megatron.core.tensor_parallel", "broadcast_data"),  # the package re-exports it
-)  # fmt: skip
-
-
-class _DropForkWarning(logging.Filter):
-    """`CudaRNGStatesTracker.fork` warns when the CPU RNG moves inside a fork; on CPU the tracked
-    generator *is* the CPU generator, so it always moves (random.py:331-333)."""
-
-    def filter(self, record):
-        return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+_run_passing_as_cuda(
+    # `weight.data.cuda()` on the tied embedding / output weight (PP > 1)
+    "megatron.core.models.common.language_module.language_module:"
+    "LanguageModule.setup_embeddings_and_output_layer",
+    # `.cuda()` on the broadcast tensors; the package re-exports the function by name
+    "megatron.core.tensor_parallel.data:broadcast_data",
+    "megatron.core.tensor_parallel:broadcast_data",
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -497,15 +508,8 @@ def enable_megatron_cpu(*, trainer: bool = True, force: bool = False) -> bool:
             "(pass force=True to run on CPU anyway)."
         )
         return False
-    view = _torch_view()
-    for module_name in _MODEL_VIEW_MODULES:
-        module = importlib.import_module(module_name)
-        _patch(module, "torch", view)
-    for module_name, name, fn, for_trainer in _FUNCTION_PATCHES:
-        if not for_trainer:
-            _patch(importlib.import_module(module_name), name, fn)
-    _patch_callers(_MODEL_CUDA_CALLERS)
-    _add_log_filter("megatron.core.tensor_parallel.random", _DropForkWarning())
+    _apply(trainer=False)
+    _add_log_filter(_FORK_WARNING_LOGGER, _DropForkWarning())
     _ENABLED = True
     if trainer:
         _enable_trainer()
@@ -531,6 +535,9 @@ def _add_log_filter(logger_name: str, flt: logging.Filter) -> None:
     lg = logging.getLogger(logger_name)
     lg.addFilter(flt)
     _LOG_FILTERS.append((lg, flt))
+
+
+_relies_on("megatron.core.tensor_parallel:model_parallel_cuda_manual_seed")
 
 
 def seed_model_parallel(seed: int) -> None:
@@ -560,38 +567,45 @@ def causal_attention_mask(seq_len: int, device: Any = "cpu") -> torch.Tensor:
 
 _TRAINER_ENABLED = False
 
-# Modules (trainer path) whose global `torch` becomes the CPU view (module docstring, table A).
-_TRAINER_VIEW_MODULES = (
+_cpu_view_of_torch(
+    # checkpoint save and load: "cuda" tensors, streams, synchronize
     "megatron.core.dist_checkpointing.strategies.async_utils",
     "megatron.core.dist_checkpointing.strategies.filesystem_async",
     "megatron.core.dist_checkpointing.strategies.fully_parallel",
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",
     "megatron.core.dist_checkpointing.exchange_utils",
+    # DDP: grad buffers on current_device(), communication streams, synchronize
     "megatron.core.distributed.distributed_data_parallel",
     "megatron.core.distributed.param_and_grad_buffer",
+    # optimizers: norms, found-inf flags and scales as "cuda" tensors
     "megatron.core.optimizer.clip_grads",
     "megatron.core.optimizer.distrib_optimizer",
     "megatron.core.optimizer.grad_scaler",
     "megatron.core.optimizer.optimizer",
-    "megatron.core.rerun_state_machine",
-    "megatron.core.timers",
-    "megatron.training.checkpointing",
-    "megatron.training.training",
-    "megatron.training.utils.common_utils",
+    "megatron.core.rerun_state_machine",  # "cuda" tensors, CUDA RNG state
+    "megatron.core.timers",  # synchronize
+    "megatron.training.checkpointing",  # "cuda" tensors, CUDA RNG state saved and restored
+    "megatron.training.training",  # "cuda" tensors, the DDP-init stream, empty_cache
+    "megatron.training.utils.common_utils",  # "cuda" tensors, the memory report
+    trainer=True,
 )
-# initialize.py additionally sees one "device" so that it initializes model parallelism and
-# seeds the RNG tracker (both skipped when torch.cuda.device_count() == 0).
-_ONE_DEVICE_VIEW_MODULES = ("megatron.training.initialize",)
+# initialize.py additionally sees one "device": with torch.cuda.device_count() == 0 it skips
+# both model-parallel initialization and seeding the RNG tracker.
+_cpu_view_of_torch("megatron.training.initialize", trainer=True, device_count=1)
+
+_relies_on("megatron.training.initialize:initialize_megatron(allow_no_cuda)")
 
 
-@_replace("megatron.training.initialize", "initialize_megatron", trainer=True)
+@_replace("megatron.training.initialize:initialize_megatron",
+          "megatron.training.training:initialize_megatron", trainer=True)
 def _initialize_megatron(*args, **kwargs):
-    """initialize_megatron with allow_no_cuda=True (pretrain passes nothing, so it asserts)."""
+    """initialize_megatron with allow_no_cuda=True (pretrain passes nothing, so it asserts
+    torch.cuda.is_available())."""
     kwargs["allow_no_cuda"] = True
     return _initialize_megatron.__wrapped__(*args, **kwargs)
 
 
-@_replace("megatron.core.datasets.utils", "compile_helpers", trainer=True)
+@_replace("megatron.core.datasets.utils:compile_helpers", trainer=True)
 def _compile_helpers():
     """Skip `make` when the compiled helpers_cpp extension is already importable (the wheel ships
     the .so but not the Makefile)."""
@@ -601,16 +615,18 @@ def _compile_helpers():
         return _compile_helpers.__wrapped__()
 
 
-@_replace("megatron.training.utils.common_utils", "get_device_arch_version", trainer=True)
+@_replace("megatron.training.utils.common_utils:get_device_arch_version",
+          "megatron.training.arguments:get_device_arch_version",
+          "megatron.training.utils:get_device_arch_version", trainer=True)
 def _get_device_arch_version():
-    """No GPU architecture on CPU: 0, i.e. "before Blackwell" (common_utils.py:502-504 reads
-    cuda:0's properties). validate_args then wants CUDA_DEVICE_MAX_CONNECTIONS=1 for TP/CP > 1."""
+    """No GPU architecture on CPU (Megatron reads cuda:0's properties): 0, i.e. "before
+    Blackwell". validate_args then wants CUDA_DEVICE_MAX_CONNECTIONS=1 for TP/CP > 1."""
     return 0
 
 
-@_replace("megatron.training.initialize", "_warmup_jit_function", trainer=True)
+@_replace("megatron.training.initialize:_warmup_jit_function", trainer=True)
 def _warmup_jit_function(*args, **kwargs):
-    """Skip the JIT warm-up (initialize.py:497-558) on CPU.
+    """Skip the JIT warm-up on CPU.
 
     On a GPU it compiles the fused bias-GeLU/SwiGLU and bias-dropout-add functions (torch.compile
     in megatron-core 0.19) before the first step. On CPU that compile runs inductor and a C++
@@ -622,32 +638,67 @@ def _warmup_jit_function(*args, **kwargs):
     return None
 
 
-def _distopt_sharded_state_dict(self, model_sharded_state_dict=None, is_loading=False, **kwargs):
+@_replace("megatron.core.transformer.module:MegatronModule.cuda", trainer=True)
+def _module_cpu(self, device=None):
+    """MegatronModule.cuda on CPU: stay on CPU (get_model calls model.cuda(current_device()))."""
+    return self
+
+
+_run_passing_as_cuda(
+    # `assert param.grad.type() == 'torch.cuda.FloatTensor'`; optimizer.py imports it by name
+    "megatron.core.optimizer.clip_grads:clip_grad_by_total_norm_fp32",
+    "megatron.core.optimizer.optimizer:clip_grad_by_total_norm_fp32",
+    # both optimizers sort their parameters by `.type()`
+    "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.__init__",
+    "megatron.core.optimizer.optimizer:Float16OptimizerWithFloat16Params.__init__",
+    # `.cuda()` on the loaded shards (--ckpt-fully-parallel-load)
+    "megatron.core.dist_checkpointing.exchange_utils:exchange_loaded_tensors_gather_rounds",
+    "megatron.core.dist_checkpointing.exchange_utils:exchange_loaded_tensors_broadcast",
+    trainer=True,
+)
+
+
+# -- the distributed optimizer's resume without Apex/TE (always so on CPU) ---------------------
+
+_HAVE_APEX_OR_TE = _relies_on("megatron.core.optimizer.distrib_optimizer:HAVE_APEX_OR_TE")
+_relies_on("megatron.core.optimizer.distrib_optimizer:"
+           "DistributedOptimizer._init_optimizer_states_with_dummy_values")
+
+
+def _without_apex_or_te() -> bool:
+    return not _megatron_attr(_HAVE_APEX_OR_TE)
+
+
+@_replace("megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.sharded_state_dict",
+          trainer=True, when=_without_apex_or_te)
+def _distopt_sharded_state_dict(self, model_sharded_state_dict=None, is_loading=False, *args,
+                                **kwargs):
     """DistributedOptimizer.sharded_state_dict for loading before the first step.
 
-    Without Apex/TE (always so on CPU) `state_dict()` reads the step from the torch optimizer's
-    per-parameter state (distrib_optimizer.py:837-839), which is empty until the first step, so
-    `--load` with `--use-distributed-optimizer` asserts. Fill the state with Megatron's own dummy
-    step first, as it does for the fsdp_dtensor format (distrib_optimizer.py:1642-1643); the
-    load then overwrites it."""
+    Without Apex/TE `state_dict()` reads the step from the torch optimizer's per-parameter
+    state, which is empty until the first step, so `--load` with `--use-distributed-optimizer`
+    asserts. Fill the state with Megatron's own dummy step first, as Megatron does for the
+    fsdp_dtensor format; the load then overwrites it."""
     if is_loading and not self.optimizer.state:
         self._init_optimizer_states_with_dummy_values()
     if model_sharded_state_dict is None:
         model_sharded_state_dict = {}
     return _distopt_sharded_state_dict.__wrapped__(
-        self, model_sharded_state_dict, is_loading, **kwargs
+        self, model_sharded_state_dict, is_loading, *args, **kwargs
     )
 
 
+@_replace("megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.load_state_dict",
+          trainer=True, when=_without_apex_or_te)
 def _distopt_load_state_dict(self, state_dict):
     """DistributedOptimizer.load_state_dict, then give every parameter its own, correct `step`.
 
     Without Apex/TE the step lives in torch Adam's per-parameter state, and the load gets it
-    wrong twice: it puts one shared tensor in every parameter's state (distrib_optimizer.py:
-    1024-1030), which torch's Adam then increments once per parameter per iteration; and the
-    per-parameter state it copies in afterwards carries the pre-load placeholder step. Either
-    way the bias correction after a resume differs from the uninterrupted run. The step saved in
-    the checkpoint's param_groups is the true one: set it on each parameter."""
+    wrong twice: it puts one shared tensor in every parameter's state, which torch's Adam then
+    increments once per parameter per iteration; and the per-parameter state it copies in
+    afterwards carries the pre-load placeholder step. Either way the bias correction after a
+    resume differs from the uninterrupted run. The step saved in the checkpoint's param_groups
+    is the true one: set it on each parameter."""
     result = _distopt_load_state_dict.__wrapped__(self, state_dict)
     groups = state_dict.get("optimizer", {}).get("param_groups", [])
     steps = {float(g["step"]) for g in groups if g.get("step") is not None}
@@ -659,27 +710,33 @@ def _distopt_load_state_dict(self, state_dict):
     return result
 
 
+@_replace("megatron.core.optimizer.distrib_optimizer:"
+          "DistributedOptimizer._set_main_param_and_optimizer_states", trainer=True)
 def _set_main_param_and_optimizer_states(self, *args, **kwargs):
     """DistributedOptimizer._set_main_param_and_optimizer_states under torch.no_grad(): with fp32
-    params the main param is a view of the model param (a leaf that requires grad) and the
-    `copy_` at distrib_optimizer.py:1225 raises outside no_grad (bf16 params are unaffected)."""
+    params the main param is a view of the model param (a leaf that requires grad) and its
+    `copy_` into that view raises outside no_grad (bf16 params are unaffected)."""
     with torch.no_grad():
         return _set_main_param_and_optimizer_states.__wrapped__(self, *args, **kwargs)
 
 
+# -- synchronous torch_dist saves without a spawned Manager process (speed only) ---------------
+
 _SYNC_SAVE = threading.local()
 
 
+@_replace("megatron.core.dist_checkpointing.strategies.torch:TorchDistSaveShardedStrategy.save",
+          trainer=True)
 def _torch_dist_save(self, sharded_state_dict, checkpoint_dir):
     """TorchDistSaveShardedStrategy.save (the synchronous torch_dist save), its writers'
     results collected in this process.
 
-    The synchronous save runs Megatron's async machinery in the calling process
-    (torch.py:725-729), whose writer asks for a result queue from a multiprocessing Manager
-    started with "spawn" (filesystem_async.py:53-66): a fresh interpreter that imports torch and
-    the trainer's main module, seconds of CPU at each launch's first save, for a queue that one
-    thread of this process puts into and the same process reads. During a synchronous save the
-    writer gets a `queue.Queue` instead; asynchronous saves (--async-save) keep the Manager."""
+    The synchronous save runs Megatron's async machinery in the calling process, whose writer
+    asks for a result queue from a multiprocessing Manager started with "spawn": a fresh
+    interpreter that imports torch and the trainer's main module, seconds of CPU at each
+    launch's first save, for a queue that one thread of this process puts into and the same
+    process reads. During a synchronous save the writer gets a `queue.Queue` instead;
+    asynchronous saves (--async-save) keep the Manager."""
     _SYNC_SAVE.active = True
     try:
         return _torch_dist_save.__wrapped__(self, sharded_state_dict, checkpoint_dir)
@@ -687,36 +744,14 @@ def _torch_dist_save(self, sharded_state_dict, checkpoint_dir):
         _SYNC_SAVE.active = False
 
 
+@_replace("megatron.core.dist_checkpointing.strategies.filesystem_async:get_write_results_queue",
+          trainer=True)
 def _write_results_queue(*args, **kwargs):
-    """filesystem_async.get_write_results_queue: an in-process queue inside a synchronous save
+    """get_write_results_queue: an in-process queue inside a synchronous save
     (`_torch_dist_save`), else Megatron's Manager queue."""
     if getattr(_SYNC_SAVE, "active", False):
         return queue.Queue()
     return _write_results_queue.__wrapped__(*args, **kwargs)
-
-
-def _module_cpu(self, device=None):
-    """MegatronModule.cuda on CPU: stay on CPU (get_model calls model.cuda(current_device()))."""
-    return self
-
-
-_TRAINER_CUDA_CALLERS = (
-    # clip_grads.py:174 `assert param.grad.type() == 'torch.cuda.FloatTensor'`
-    ("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32"),
-    ("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32"),  # imported by name
-    # distrib_optimizer.py:401,466,758 and optimizer.py:1009,1028 sort params by `.type()`
-    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.__init__"),
-    ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params.__init__"),
-    # exchange_utils.py:339,506 `.cuda()` on loaded shards (--ckpt-fully-parallel-load)
-    ("megatron.core.dist_checkpointing.exchange_utils", "exchange_loaded_tensors_gather_rounds"),
-    ("megatron.core.dist_checkpointing.exchange_utils", "exchange_loaded_tensors_broadcast"),
-)  # fmt: skip
-
-_ALIASES = (
-    ("megatron.training.training", "initialize_megatron", _initialize_megatron),
-    ("megatron.training.arguments", "get_device_arch_version", _get_device_arch_version),
-    ("megatron.training.utils", "get_device_arch_version", _get_device_arch_version),
-)  # fmt: skip
 
 
 def _enable_trainer() -> None:
@@ -726,44 +761,11 @@ def _enable_trainer() -> None:
     except ImportError as exc:  # pragma: no cover - megatron.training ships with megatron-core
         logger.warning("nemo_tst.cpu: megatron.training not importable (%s); trainer unpatched", exc)
         return
-    for module_name in _TRAINER_VIEW_MODULES:
-        _patch(importlib.import_module(module_name), "torch", _torch_view())
-    for module_name in _ONE_DEVICE_VIEW_MODULES:
-        _patch(importlib.import_module(module_name), "torch", _torch_view(device_count=1))
-    for module_name, name, fn, for_trainer in _FUNCTION_PATCHES:
-        if for_trainer:
-            _patch(importlib.import_module(module_name), name, fn)
-    # Modules that imported a patched function by name: patch those references too.
-    for module_name, name, fn in _ALIASES:
-        _patch(importlib.import_module(module_name), name, _wrapper_alias(fn))
-    _patch_callers(_TRAINER_CUDA_CALLERS)
-    from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE, DistributedOptimizer
-
-    if not HAVE_APEX_OR_TE:
-        _patch(DistributedOptimizer, "sharded_state_dict", _distopt_sharded_state_dict)
-        _patch(DistributedOptimizer, "load_state_dict", _distopt_load_state_dict)
-    _patch(
-        DistributedOptimizer,
-        "_set_main_param_and_optimizer_states",
-        _set_main_param_and_optimizer_states,
-    )
-    from megatron.core.transformer.module import MegatronModule
-
-    _patch(MegatronModule, "cuda", _module_cpu)
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
-
-    _patch(TorchDistSaveShardedStrategy, "save", _torch_dist_save)
-    _patch(filesystem_async, "get_write_results_queue", _write_results_queue)
+    _apply(trainer=True)
     _TRAINER_ENABLED = True
 
 
-def _wrapper_alias(fn: Callable) -> Callable:
-    """A second function object with the same behaviour, so each patched name has its own
-    `__wrapped__` (the original bound at that name)."""
-
-    @functools.wraps(fn, assigned=("__doc__", "__name__", "__qualname__"), updated=())
-    def alias(*args, **kwargs):
-        return fn(*args, **kwargs)
-
-    return alias
+MEGATRON_NAMES: tuple[str, ...] = tuple(p.target for p in _PATCHES) + tuple(_RELIED_ON)
+"""Every Megatron name this module patches or relies on, as "module:qualified.name" (with
+"(param)" where it passes that keyword): what tests/test_cpu_support.py checks against the
+installed megatron-core."""

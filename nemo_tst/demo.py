@@ -17,12 +17,13 @@ The terminal shows the demo's own lines and one live progress line per run (step
 loss, held-out loss, ETA); everything the trainer prints (Megatron's argument dump, warnings,
 every rank) goes to the run's log file, --out/<run>.log.
 
-Sizes: "ci" is a smoke test (about a minute), "cpu" fits in ten minutes on two cores, "gpu"
-is a larger model and many more steps. Rerunning the same command resumes: data already
-prepared is reused, finished runs are skipped, unfinished ones continue.
+Sizes (conf/demo.yaml, each a recipe): "ci" (recipe tst_tiny) is a smoke test (about a minute),
+"cpu" (tst_demo_cpu) fits in ten minutes on two cores, "gpu" (tst_demo_gpu) is a larger model and
+many more steps. Both runs get the recipe's Megatron arguments (`run_argvs`). Rerunning the
+same command resumes: data already prepared is reused, finished runs are skipped, unfinished
+ones continue.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -33,8 +34,13 @@ from pathlib import Path
 from typing import Optional
 
 from nemo_tst.conf import CONF_DIR, read_conf
+from nemo_tst.recipes.catalog import load_recipe
+from nemo_tst.recipes.config import TSTRecipe
 
-__all__ = ["SCALE_VERDICT", "Progress", "demo_main", "load_sizes", "prepare_stdlib_data", "run_demo", "verdict"]
+__all__ = [
+    "SCALE_VERDICT", "Progress", "demo_main", "load_sizes", "prepare_stdlib_data", "run_argvs",
+    "run_demo", "run_overrides", "size_recipe", "verdict",
+]
 
 CONF = CONF_DIR / "demo.yaml"
 
@@ -50,7 +56,7 @@ a gain. Keep it one sentence, without a final full stop."""
 
 
 def load_sizes(path: Path = CONF) -> dict:
-    """Model and schedule per demo size, from conf/demo.yaml (data, not code)."""
+    """Per demo size its recipe and what only the demo needs, from conf/demo.yaml."""
     return read_conf(path)
 
 
@@ -82,37 +88,48 @@ def prepare_stdlib_data(out: Path, *, max_bytes, vocab_size: int, workers: int =
     return info
 
 
-def megatron_args(size: dict, data: dict, *, cpu: bool) -> list[str]:
-    """The Megatron-LM GPT arguments both runs share (Llama-style: RMSNorm, SwiGLU, RoPE)."""
-    N = size["iters"]
-    args = [
-        "--num-layers", size["layers"], "--hidden-size", size["hidden"],
-        "--num-attention-heads", size["heads"], "--ffn-hidden-size", size["ffn"],
-        "--seq-length", size["seq"], "--max-position-embeddings", size["seq"],
-        "--position-embedding-type", "rope", "--normalization", "RMSNorm", "--swiglu",
-        "--disable-bias-linear", "--untie-embeddings-and-output-weights",
-        "--micro-batch-size", size["mbs"], "--global-batch-size", size["gbs"],
-        "--train-iters", N, "--lr", size["lr"], "--min-lr", size["lr"] / 10,
-        "--lr-decay-style", "WSD", "--lr-wsd-decay-style", "linear",
-        "--lr-wsd-decay-iters", max(N // 10, 1), "--lr-warmup-iters", size["warmup"],
-        "--adam-beta1", 0.9, "--adam-beta2", 0.95, "--weight-decay", 0.1, "--clip-grad", 1.0,
-        "--seed", 1234, "--attention-dropout", 0.0, "--hidden-dropout", 0.0,
-        "--tokenizer-type", "NullTokenizer", "--vocab-size", data["vocab_size"],
-        "--tst-tokenizer", data["tokenizer"],
-        "--train-data-path", data["train_prefix"], "--valid-data-path", data["valid_prefix"],
-        "--test-data-path", data["valid_prefix"],
-        "--eval-interval", size["eval_interval"], "--eval-iters", size["eval_iters"],
-        "--log-interval", max(size["eval_interval"] // 4, 1),
-        "--save-interval", size["eval_interval"] * 2, "--ckpt-format", "torch_dist",
-        "--num-workers", 0,
-    ]
-    if cpu:
-        from nemo_tst.cpu import TRAINER_CPU_ARGS
+def size_recipe(size_name: str) -> TSTRecipe:
+    """The recipe of a demo size (demo.yaml `recipe`): model, schedule, the TST run's s and r."""
+    return load_recipe(load_sizes()[size_name]["recipe"])
 
-        args += TRAINER_CPU_ARGS
-    else:
-        args += ["--bf16", "--transformer-impl", "local", "--use-distributed-optimizer"]
-    return [str(a) for a in args]
+
+def _quoted(value) -> str:
+    """An override value read back as this exact string (a path may hold YAML syntax)."""
+    return json.dumps(str(value))
+
+
+def run_overrides(data: dict, out: Path, name: str, *, bag_size: int, phase1_fraction: float,
+                  cpu: bool) -> list[str]:
+    """The recipe overrides of one demo run; everything else of its Megatron arguments is the
+    recipe's (`run_argvs`)."""
+    prefix = data["train_prefix"].removesuffix("_train")
+    if data["valid_prefix"] != f"{prefix}_valid":
+        raise ValueError(f"{out / 'data' / 'data.json'}: held-out data {data['valid_prefix']} is not "
+                         f"{prefix}_valid; delete {out / 'data'} to prepare the data again")
+    return [
+        f"data.prefix={_quoted(prefix)}", f"data.tokenizer={_quoted(data['tokenizer'])}",
+        f"model.vocab_size={data['vocab_size']}",  # the BPE trained may hold fewer tokens than asked
+        "data.num_workers=0",  # small data: no loader worker processes to start
+        f"cpu={'true' if cpu else 'false'}",
+        "transformer_impl=local",  # the demo runs in a pip install, without Transformer Engine
+        f"tst.bag_size={bag_size}", f"tst.phase1_fraction={phase1_fraction}",
+        f"run_dir={_quoted(out / name)}",
+        # Each run its own index cache: side by side, two runs would otherwise build the same
+        # validation index files at the same moment.
+        f"extra_args={json.dumps(['--data-cache-path', str(out / 'index_cache' / name)])}",
+    ]
+
+
+def run_argvs(recipe_name: str, data: dict, out: Path, *, bag_size: int, phase1_fraction: float,
+              cpu: bool) -> dict[str, list[str]]:
+    """{"baseline": argv, "tst": argv}: the `nemo-tst pretrain` arguments of the demo's two runs,
+    each the recipe's `megatron_args()` with `run_overrides` (the baseline at s = 1)."""
+    runs = {"baseline": 1, "tst": bag_size}
+    return {
+        name: load_recipe(recipe_name, overrides=run_overrides(
+            data, out, name, bag_size=s, phase1_fraction=phase1_fraction, cpu=cpu)).megatron_args()
+        for name, s in runs.items()
+    }
 
 
 def steps_to_reach(valid: dict[int, float], target: float):
@@ -353,15 +370,17 @@ def run_demo(out: Path, *, size_name: str, bag_size: int, phase1_fraction: float
     stream = stream or sys.stdout
     say = lambda text: (stream.write(text + "\n"), stream.flush())  # noqa: E731
     size = load_sizes()[size_name]
+    recipe = size_recipe(size_name)  # model and schedule; each run's overrides in run_argvs
     cpu = not torch.cuda.is_available()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    data = prepare_stdlib_data(out / "data", max_bytes=size["corpus_bytes"], vocab_size=size["vocab"])
+    data = prepare_stdlib_data(out / "data", max_bytes=size["corpus_bytes"],
+                               vocab_size=recipe.model.vocab_size)
     data_seconds = time.time() - t0
     say(f"[demo] data: {data['train_tokens']:,} train / {data['valid_tokens']:,} held-out tokens "
         f"({data_seconds:.0f}s)")
-    common = megatron_args(size, data, cpu=cpu)
-    N = size["iters"]
+    argvs = run_argvs(size["recipe"], data, out, bag_size=bag_size, phase1_fraction=phase1_fraction, cpu=cpu)
+    N = recipe.training.train_iters
     n1 = int(round(phase1_fraction * N))
     if side_by_side is None:
         side_by_side = bool(size.get("side_by_side")) and cpu and nproc == 1
@@ -370,12 +389,6 @@ def run_demo(out: Path, *, size_name: str, bag_size: int, phase1_fraction: float
         env["OMP_NUM_THREADS"] = str(max((os.cpu_count() or 2) // 2, 1))
 
     specs = {"baseline": 1, "tst": bag_size}
-    argvs = {}
-    for name, s in specs.items():
-        # Each run its own index cache: side by side, two runs would otherwise build the same
-        # validation index files at the same moment.
-        argvs[name] = common + ["--tst-bag-size", str(s), "--tst-phase1-fraction", str(phase1_fraction),
-                                "--save", str(out / name), "--data-cache-path", str(out / "index_cache" / name)]
     previous = {}
     if (out / "summary.json").is_file():
         previous = json.loads((out / "summary.json").read_text()).get("runs", {})
@@ -437,8 +450,9 @@ def run_demo(out: Path, *, size_name: str, bag_size: int, phase1_fraction: float
         "size": size_name,
         "device": "cuda" if not cpu else "cpu",
         "iterations": N,
-        "seq_length": size["seq"],
-        "global_batch_size": size["gbs"],
+        "recipe": size["recipe"],
+        "seq_length": recipe.model.seq_length,
+        "global_batch_size": recipe.training.global_batch_size,
         "bag_size": bag_size,
         "phase1_fraction": phase1_fraction,
         "side_by_side": side_by_side,
@@ -464,21 +478,40 @@ def run_demo(out: Path, *, size_name: str, bag_size: int, phase1_fraction: float
     return summary
 
 
-def demo_main(argv: list[str]) -> None:
-    import logging
+def check_demo_settings(bag_size, phase1_fraction, train_iters: int, size: str, out: Path) -> None:
+    """The demo's own arguments, before any data is built or run trained."""
+    from nemo_tst.core.settings import SettingError, TSTSettings
 
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime"
+    try:
+        settings = TSTSettings(bag_size=bag_size, phase1_fraction=phase1_fraction)
+    except SettingError as err:
+        raise ValueError(err.named({"bag_size": "--bag-size", "phase1_fraction": "--phase1-fraction"})) from None
+    if bag_size < 2:
+        raise ValueError(f"--bag-size {bag_size}: the demo compares TST (s >= 2) with the s = 1 "
+                         "baseline it trains itself; give --bag-size 2 or more")
+    n1 = settings.phase1_iterations(train_iters)
+    if not 1 <= n1 <= train_iters - 1:
+        raise ValueError(f"--phase1-fraction {phase1_fraction} of the {size} size's {train_iters} steps "
+                         f"gives {n1} phase-1 steps; it must give between 1 and {train_iters - 1}")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a directory")
+
+
+def demo_main(argv: list[str]) -> None:
     import torch
 
-    parser = argparse.ArgumentParser(prog="nemo-tst demo", description=__doc__.split("\n\n")[0])
+    from nemo_tst.errors import ArgumentParser, positive_int
+
+    parser = ArgumentParser(prog="nemo-tst demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
     parser.add_argument("--size", choices=["auto", *load_sizes()], default="auto",
                         help="auto: gpu when CUDA is available, else cpu")
     parser.add_argument("--bag-size", type=int, default=None,
-                        help="s of the TST run (default: the size's bag_size in conf/demo.yaml)")
+                        help="s of the TST run (default: tst.bag_size of the size's recipe, "
+                             "conf/demo.yaml)")
     parser.add_argument("--phase1-fraction", type=float, default=None,
-                        help="r of the TST run (default: the size's phase1_fraction)")
-    parser.add_argument("--nproc-per-node", type=int, default=1)
+                        help="r of the TST run (default: the recipe's tst.phase1_fraction)")
+    parser.add_argument("--nproc-per-node", type=positive_int, default=1)
     parser.add_argument("--one-after-the-other", action="store_true",
                         help="train the two runs one after the other, not side by side")
     parser.add_argument("--export-hf", action="store_true",
@@ -491,10 +524,11 @@ def demo_main(argv: list[str]) -> None:
         import importlib.util
 
         if importlib.util.find_spec("safetensors") is None:  # checked before any training
-            raise SystemExit("error: --export-hf needs safetensors: pip install 'nemo-tst[hf]'")
-    defaults = load_sizes()[size]
-    bag_size = opts.bag_size if opts.bag_size is not None else defaults["bag_size"]
-    phase1_fraction = opts.phase1_fraction if opts.phase1_fraction is not None else defaults["phase1_fraction"]
+            raise ValueError("--export-hf needs safetensors: pip install 'nemo-tst[hf]'")
+    recipe = size_recipe(size)
+    bag_size = opts.bag_size if opts.bag_size is not None else recipe.tst.bag_size
+    phase1_fraction = opts.phase1_fraction if opts.phase1_fraction is not None else recipe.tst.phase1_fraction
+    check_demo_settings(bag_size, phase1_fraction, recipe.training.train_iters, size, opts.out)
     try:
         run_demo(opts.out, size_name=size, bag_size=bag_size, phase1_fraction=phase1_fraction,
                  nproc=opts.nproc_per_node, side_by_side=False if opts.one_after_the_other else None)

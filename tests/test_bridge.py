@@ -4,7 +4,9 @@ Megatron-Bridge imports only with Transformer Engine, so the tests that need it 
 here (reason printed with -rs). What runs without it: importing the module, the ImportError
 that says what to install, the plan and its checks against numbers worked out by hand, the
 checkpoint-directory logic on tracker files in Bridge's format, the context-parallel split,
-the phase-1 loss contract, and the pre-wrap hook on a real megatron-core GPTModel on CPU.
+the phase-1 loss contract, and the pre-wrap hook on a real megatron-core GPTModel on CPU. The
+pieces the adapter shares with the Megatron-LM one (`nemo_tst.core`) are tested here as Bridge
+uses them.
 No part of Bridge is mocked.
 """
 
@@ -20,16 +22,17 @@ import torch.nn.functional as F
 
 from nemo_tst import bridge, cpu
 from nemo_tst.bridge import (
-    TSTBridgeConfig,
+    TSTSettings,
     check_phase_iteration,
-    cp_zigzag_slice,
-    latest_checkpoint_iteration,
     next_tst_phase,
-    phase2_load_dir,
     plan_tst_run,
     tst_model_hook,
-    tst_phase1_loss,
 )
+from nemo_tst.core.context_parallel import split_for_context_parallel as cp_zigzag_slice
+from nemo_tst.core.data import item_sequence_length, items_needed
+from nemo_tst.core.loss import phase1_loss_terms as tst_phase1_loss
+from nemo_tst.core.run_dir import latest_iteration as latest_checkpoint_iteration
+from nemo_tst.core.run_dir import phase2_source, phase_dir
 
 BRIDGE_REASON = "Megatron-Bridge needs Transformer Engine, absent here"
 
@@ -50,7 +53,16 @@ needs_bridge = pytest.mark.skipif(not HAVE_BRIDGE, reason=BRIDGE_REASON)
 def plan(tst=None, **kw):
     args = dict(run_dir="/ckpt/run", train_iters=1000, global_batch_size=32, seq_length=8)
     args.update(kw)
-    return plan_tst_run(tst or TSTBridgeConfig(bag_size=4, phase1_fraction=0.3), **args)
+    return plan_tst_run(tst or TSTSettings(bag_size=4, phase1_fraction=0.3), **args)
+
+
+def sample_tokens(p):
+    """Tokens one phase-1 sample holds: s*L inputs + the last position's targets."""
+    return p.superposition.sample_length(p.seq_length)
+
+
+def phase2_load_dir(run, p):
+    return phase2_source(p, phase_dir(run, 2), phase_dir(run, 1))
 
 
 # ------------------------------------------------------------------------------------------
@@ -75,9 +87,9 @@ def test_importing_the_adapter_imports_no_bridge():
     "call",
     [
         lambda: bridge.require_bridge(),
-        lambda: bridge.tst_phase_configs(object(), TSTBridgeConfig(bag_size=4)),
+        lambda: bridge.tst_phase_configs(object(), TSTSettings(bag_size=4)),
         lambda: bridge.tst_forward_step(None, iter([]), None),
-        lambda: bridge.tst_pretrain(object(), TSTBridgeConfig(bag_size=4)),
+        lambda: bridge.tst_pretrain(object(), TSTSettings(bag_size=4)),
         lambda: bridge.TSTDatasetProvider,
     ],
     ids=["require_bridge", "tst_phase_configs", "tst_forward_step", "tst_pretrain", "TSTDatasetProvider"],
@@ -114,38 +126,41 @@ def test_plan_numbers_for_full_tst():
     assert p.train_iters == 1000
     assert p.phase1_samples == 300 * 32
     # A phase-1 sample: 8 bags of 4 tokens, plus the 4 tokens the last position predicts.
-    assert p.phase1_sample_tokens == 8 * 4 + 4 == 36
+    assert sample_tokens(p) == 8 * 4 + 4 == 36
     # It is exactly 4 phase-2 samples of L + 1 = 9 tokens; GPTDataset yields sequence_length + 1.
-    assert p.dataset_sequence_length == 35
+    assert item_sequence_length(p) == 35
     # Phase 1 reads one item per sample, phase 2 four samples per item: 700 x 32 / 4 items.
-    assert p.dataset_items == 9600 + 700 * 32 // 4
-    assert p.phase1_dir == os.path.join("/ckpt/run", "phase1")
-    assert p.phase2_dir == os.path.join("/ckpt/run", "phase2")
+    assert items_needed(p) == 9600 + 700 * 32 // 4
+    assert str(phase_dir("/ckpt/run", 1)) == os.path.join("/ckpt/run", "phase1")
+    assert str(phase_dir("/ckpt/run", 2)) == os.path.join("/ckpt/run", "phase2")
 
 
 @pytest.mark.parametrize(
-    "mode, sample_tokens, dataset_sequence_length",
+    "mode, tokens, dataset_sequence_length",
     [
         ("full", 4 * 8 + 4, 4 * 9 - 1),  # 36 tokens = 4 pieces of 9
         ("input_only", 4 * 8 + 1, 4 * 9 - 1),  # 33 tokens -> 4 pieces of 9 (36)
         ("output_only", 8 + 4, 2 * 9 - 1),  # 12 tokens -> 2 pieces of 9 (18)
     ],
 )
-def test_phase1_sample_length_per_mode(mode, sample_tokens, dataset_sequence_length):
-    p = plan(TSTBridgeConfig(bag_size=4, mode=mode))
-    assert p.phase1_sample_tokens == sample_tokens
-    assert p.dataset_sequence_length == dataset_sequence_length
+def test_phase1_sample_length_per_mode(mode, tokens, dataset_sequence_length):
+    p = plan(TSTSettings(bag_size=4, mode=mode))
+    assert sample_tokens(p) == tokens
+    assert item_sequence_length(p) == dataset_sequence_length
 
 
 def test_s1_is_megatrons_ordinary_sample():
-    p = plan(TSTBridgeConfig(bag_size=1), seq_length=2048)
-    assert p.phase1_sample_tokens == 2049
-    assert p.dataset_sequence_length == 2048
+    p = plan(TSTSettings(bag_size=1), seq_length=2048)
+    assert sample_tokens(p) == 2049
+    assert item_sequence_length(p) == 2048
 
 
-def test_explicit_phase1_iters_wins_over_the_fraction():
-    p = plan(TSTBridgeConfig(bag_size=6, phase1_fraction=0.9, phase1_iters=25), train_iters=100)
+def test_explicit_phase1_iters_instead_of_the_fraction():
+    p = plan(TSTSettings(bag_size=6, phase1_iters=25), train_iters=100)
     assert p.phase1_iters == 25
+    # Both set the same thing: refused, not silently resolved.
+    with pytest.raises(ValueError, match="phase1_iters=25 and phase1_fraction=0.9 both set phase 1's length"):
+        TSTSettings(bag_size=6, phase1_fraction=0.9, phase1_iters=25)
 
 
 class _MegatronArgs(argparse.Namespace):
@@ -173,7 +188,7 @@ def test_phase_split_matches_the_megatron_lm_integration(N, r, n1):
         context_parallel_size=1, lr_decay_style="cosine",
     )
     assert plan_from_args(args).phase1_iters == n1
-    assert plan(TSTBridgeConfig(bag_size=4, phase1_fraction=r), train_iters=N).phase1_iters == n1
+    assert plan(TSTSettings(bag_size=4, phase1_fraction=r), train_iters=N).phase1_iters == n1
 
 
 @pytest.mark.parametrize(
@@ -193,7 +208,7 @@ def test_phase_split_matches_the_megatron_lm_integration(N, r, n1):
 )
 def test_bad_tst_settings_name_the_setting(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        TSTBridgeConfig(**kwargs)
+        TSTSettings(**kwargs)
 
 
 @pytest.mark.parametrize(
@@ -221,7 +236,7 @@ def test_bad_tst_settings_name_the_setting(kwargs, match):
 )
 def test_bad_recipe_numbers_name_the_setting_and_the_fix(tst_kwargs, plan_kwargs, match):
     with pytest.raises(ValueError, match=match):
-        plan(TSTBridgeConfig(bag_size=4, **tst_kwargs), **plan_kwargs)
+        plan(TSTSettings(bag_size=4, **tst_kwargs), **plan_kwargs)
 
 
 @pytest.mark.parametrize(
@@ -239,20 +254,22 @@ def test_bad_recipe_numbers_name_the_setting_and_the_fix(tst_kwargs, plan_kwargs
     ],
 )
 def test_good_recipe_numbers_pass(tst_kwargs, plan_kwargs):
-    tst = TSTBridgeConfig(**({"bag_size": 4} | tst_kwargs))
+    tst = TSTSettings(**({"bag_size": 4} | tst_kwargs))
     plan(tst, **plan_kwargs)
 
 
 def test_each_container_refuses_the_other_phases_iterations():
     p = plan()  # n1 = 300
-    check_phase_iteration(1, 0, p)
-    check_phase_iteration(1, 299, p)
+    check_phase_iteration(1, 0, p, "/ckpt/run")
+    check_phase_iteration(1, 299, p, "/ckpt/run")
     with pytest.raises(RuntimeError, match="phase 1 ended at iteration 300.*phase-2 container"):
-        check_phase_iteration(1, 300, p)
-    check_phase_iteration(2, 300, p)
-    check_phase_iteration(2, 999, p)
+        check_phase_iteration(1, 300, p, "/ckpt/run")
+    check_phase_iteration(2, 300, p, "/ckpt/run")
+    check_phase_iteration(2, 999, p, "/ckpt/run")
     with pytest.raises(RuntimeError, match="phase 2 starts from phase 1's checkpoint of iteration 300"):
-        check_phase_iteration(2, 0, p)
+        check_phase_iteration(2, 0, p, "/ckpt/run")
+    # s = 1: the phase-2 container is the whole run.
+    check_phase_iteration(2, 0, plan(TSTSettings(bag_size=1)), "/ckpt/run")
 
 
 # ------------------------------------------------------------------------------------------
@@ -295,26 +312,34 @@ def test_latest_checkpoint_iteration_reads_both_tracker_formats(tmp_path):
 
 def test_phase_order_follows_the_checkpoints(tmp_path):
     p = plan(run_dir=str(tmp_path))  # n1 = 300, N = 1000
-    assert next_tst_phase(p) == 1 and phase2_load_dir(p) == p.phase1_dir
-    _bridge_tracker(p.phase1_dir, 150)  # phase 1 interrupted
-    assert next_tst_phase(p) == 1
-    _bridge_tracker(p.phase1_dir, 300)  # phase 1 done: the handoff
-    assert next_tst_phase(p) == 2 and phase2_load_dir(p) == p.phase1_dir
-    _legacy_tracker(p.phase2_dir, "500")  # phase 2 saved once: it resumes itself
-    assert next_tst_phase(p) == 2 and phase2_load_dir(p) == p.phase2_dir
-    _bridge_tracker(p.phase2_dir, 1000)
-    assert next_tst_phase(p) is None
+    p1_dir, p2_dir = phase_dir(tmp_path, 1), phase_dir(tmp_path, 2)
+    assert next_tst_phase(tmp_path, p) == 1 and phase2_load_dir(tmp_path, p) == p1_dir
+    _bridge_tracker(p1_dir, 150)  # phase 1 interrupted
+    assert next_tst_phase(tmp_path, p) == 1
+    _bridge_tracker(p1_dir, 300)  # phase 1 done: the handoff
+    assert next_tst_phase(tmp_path, p) == 2 and phase2_load_dir(tmp_path, p) == p1_dir
+    _legacy_tracker(p2_dir, "500")  # phase 2 saved once: it resumes itself
+    assert next_tst_phase(tmp_path, p) == 2 and phase2_load_dir(tmp_path, p) == p2_dir
+    _bridge_tracker(p2_dir, 1000)
+    assert next_tst_phase(tmp_path, p) is None
+
+
+def test_s1_is_one_phase_2_launch_from_iteration_0(tmp_path):
+    p = plan(TSTSettings(bag_size=1), run_dir=str(tmp_path))
+    assert next_tst_phase(tmp_path, p) == 2 and phase2_load_dir(tmp_path, p) == phase_dir(tmp_path, 2)
+    _bridge_tracker(phase_dir(tmp_path, 2), 1000)
+    assert next_tst_phase(tmp_path, p) is None
 
 
 def test_checkpoints_of_another_plan_are_refused(tmp_path):
     p = plan(run_dir=str(tmp_path))
-    _bridge_tracker(p.phase1_dir, 400)
+    _bridge_tracker(phase_dir(tmp_path, 1), 400)
     with pytest.raises(ValueError, match="phase 1 ends at 300"):
-        next_tst_phase(p)
-    _bridge_tracker(p.phase1_dir, 300)
-    _bridge_tracker(p.phase2_dir, 2000)
-    with pytest.raises(ValueError, match="past cfg.train.train_iters=1000"):
-        next_tst_phase(p)
+        next_tst_phase(tmp_path, p)
+    _bridge_tracker(phase_dir(tmp_path, 1), 300)
+    _bridge_tracker(phase_dir(tmp_path, 2), 2000)
+    with pytest.raises(ValueError, match=r"past the plan's end \(cfg.train.train_iters=1000\)"):
+        next_tst_phase(tmp_path, p)
 
 
 # ------------------------------------------------------------------------------------------
@@ -503,7 +528,7 @@ def test_phase_containers_from_a_bridge_recipe(tmp_path):
     from megatron.bridge.training.config import ConfigContainer
 
     cfg = _recipe(tmp_path)
-    phase1, phase2 = bridge.tst_phase_configs(cfg, TSTBridgeConfig(bag_size=4, phase1_fraction=0.25))
+    phase1, phase2 = bridge.tst_phase_configs(cfg, TSTSettings(bag_size=4, phase1_fraction=0.25))
     run = str(tmp_path / "run")
 
     # The recipe itself is untouched.
@@ -534,9 +559,9 @@ def test_phase_containers_from_a_bridge_recipe(tmp_path):
 
     assert isinstance(phase1.dataset, TSTDatasetProvider) and phase1.dataset.tst_phase == 1
     assert phase2.dataset.tst_phase == 2
-    run_plan = phase1.dataset.run_plan()
-    assert run_plan.phase1_iters == 10 and run_plan.phase1_sample_tokens == 4 * 32 + 4
-    assert run_plan.dataset_sequence_length == 4 * 33 - 1
+    run_plan = phase1.dataset.plan
+    assert run_plan.phase1_iters == 10 and sample_tokens(run_plan) == 4 * 32 + 4
+    assert item_sequence_length(run_plan) == 4 * 33 - 1
     assert phase1.dataset.base.seq_length == 32 and phase1.dataset.dataloader_type == "single"
 
     # Bridge writes the container into every checkpoint's run_config.yaml.
@@ -559,7 +584,7 @@ def test_bridge_settings_tst_cannot_honour_are_refused(tmp_path, change, match):
     cfg = _recipe(tmp_path)
     change(cfg)
     with pytest.raises(ValueError, match=match):
-        bridge.tst_phase_configs(cfg, TSTBridgeConfig(bag_size=4))
+        bridge.tst_phase_configs(cfg, TSTSettings(bag_size=4))
 
 
 _E2E_SCRIPT = """
@@ -568,8 +593,8 @@ sys.path.insert(0, {root!r})
 sys.path.insert(0, {tests!r})
 from test_bridge import _recipe
 from pathlib import Path
-from nemo_tst.bridge import TSTBridgeConfig, tst_pretrain
-tst_pretrain(_recipe(Path({tmp!r})), TSTBridgeConfig(bag_size=4, phase1_fraction=0.25))
+from nemo_tst.bridge import TSTSettings, tst_pretrain
+tst_pretrain(_recipe(Path({tmp!r})), TSTSettings(bag_size=4, phase1_fraction=0.25))
 """
 
 
@@ -587,9 +612,9 @@ def test_both_phases_train_and_hand_off_on_one_gpu(tmp_path):
     for expected in (10, 40):
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-        p = plan_tst_run(TSTBridgeConfig(bag_size=4, phase1_fraction=0.25), run_dir=str(tmp_path / "run"),
+        run = tmp_path / "run"
+        p = plan_tst_run(TSTSettings(bag_size=4, phase1_fraction=0.25), run_dir=str(run),
                          train_iters=40, global_batch_size=4, seq_length=32)
-        phase_dir = p.phase1_dir if expected == 10 else p.phase2_dir
-        assert latest_checkpoint_iteration(phase_dir) == expected
-    assert latest_checkpoint_iteration(p.phase1_dir) == 10  # the handoff checkpoint is kept
-    assert next_tst_phase(p) is None
+        assert latest_checkpoint_iteration(phase_dir(run, 1 if expected == 10 else 2)) == expected
+    assert latest_checkpoint_iteration(phase_dir(run, 1)) == 10  # the handoff checkpoint is kept
+    assert next_tst_phase(run, p) is None

@@ -3,9 +3,11 @@ nothing on disk changed."""
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from nemo_tst.cli import main
 
@@ -59,7 +61,7 @@ def pretrain_args(data, save, *extra):
         "--tokenizer-type", "NullTokenizer", "--vocab-size", "300",
         "--train-data-path", f"{data['prefix']}_train", "--valid-data-path", f"{data['prefix']}_valid",
         "--tst-tokenizer", str(data["tokenizer"]), "--tst-bag-size", "4", "--save", str(save),
-        "--transformer-impl", "local", *extra,
+        "--save-interval", "5", "--transformer-impl", "local", "--tst-cpu", *extra,
     ]
 
 
@@ -70,7 +72,7 @@ def tree(path: Path) -> dict:
 # (extra arguments, or a callable preparing the save directory and returning them; the words
 # the message must contain). Each is refused before torchrun starts.
 BAD_INPUTS = {
-    "s below 1": (["--tst-bag-size", "0"], "--tst-bag-size / --tst-target-weights: bag_size (s) must be >= 1"),
+    "s below 1": (["--tst-bag-size", "0"], "--tst-bag-size (s) must be >= 1"),
     "s not an integer": (["--tst-bag-size", "2.5"], "invalid int value"),
     "r of 0": (["--tst-phase1-fraction", "0"], "--tst-phase1-fraction=0.0 must lie strictly between 0 and 1"),
     "r above 1": (["--tst-phase1-fraction", "1.5"], "strictly between 0 and 1"),
@@ -106,7 +108,23 @@ BAD_INPUTS = {
                                              "tokens will repeat"),
     "MXFP8 on a GPU older than Blackwell": (["--fp8-format", "e4m3", "--fp8-recipe", "mxfp8"],
                                             "--fp8-recipe mxfp8 needs a Blackwell GPU"),
+    # Numbers that used to reach Python or Megatron as tracebacks inside the ranks.
+    "zero micro-batch": (["--micro-batch-size", "0"], "--micro-batch-size=0 must be at least 1"),
+    "zero sequence length": (["--seq-length", "0"], "--seq-length=0 must be at least 1"),
+    "negative LR": (["--lr", "-1"], "--lr=-1.0 must be a finite number > 0"),
+    "NaN LR": (["--lr", "nan"], "--lr=nan must be a finite number > 0"),
+    "min LR above LR": (["--min-lr", "1"], "--min-lr=1.0 is above --lr=0.001"),
+    # Megatron-LM's own validation, run before launch.
+    "zero save interval (Megatron's rule)": (["--save-interval", "0"],
+                                             "Megatron-LM refuses these arguments: --save-interval > 0"),
+    "save interval missing (Megatron's rule)": (["--save-interval", None], "--save-interval is not None"),
+    # Two options for one thing.
+    "phase-1 length given twice": (["--tst-phase1-iters", "3", "--tst-phase1-fraction", "0.3"],
+                                   "--tst-phase1-iters=3 and --tst-phase1-fraction=0.3 both set"),
+    "unknown option": (["--tst-bag-sise", "4"], "unrecognized arguments: --tst-bag-sise"),
 }
+if not torch.cuda.is_available():
+    BAD_INPUTS["no GPU and no --tst-cpu"] = (["--tst-cpu", None], "add --tst-cpu")
 if importlib.util.find_spec("transformer_engine") is None:
     BAD_INPUTS |= {
         "FP8 without Transformer Engine": (["--fp8-format", "hybrid"],
@@ -116,8 +134,32 @@ if importlib.util.find_spec("transformer_engine") is None:
                                                  "Transformer Engine"),
     }
 
-# Whole commands other than `pretrain` (recipes: `nemo-tst plan` and `nemo-tst run`).
+# Whole commands other than `pretrain` (recipes: `nemo-tst plan` and `nemo-tst run`). "{tmp}"
+# is the test's directory (whose contents must not change).
 OTHER_COMMANDS = {
+    "plan with an MFU of 0": (["plan", "tst_tiny", "--mfu", "0"], "argument --mfu: 0 is not in (0, 1]"),
+    "plan with an MFU above 1": (["plan", "tst_tiny", "--mfu", "2"], "argument --mfu: 2 is not in (0, 1]"),
+    "plan with negative corpus tokens": (["plan", "tst_tiny", "--corpus-tokens", "-1"],
+                                         "--corpus-tokens: -1 is not a whole number of tokens"),
+    "plan with zero layers": (["plan", "tst_tiny", "model.num_layers=0"], "model.num_layers=0 must be at least 1"),
+    "plan with a negative LR": (["plan", "tst_tiny", "training.lr=-1"], "training.lr=-1.0 must be > 0"),
+    "plan with phase 1 given twice": (["plan", "tst_tiny", "tst.phase1_iters=5", "tst.phase1_fraction=0.2"],
+                                      "both set phase 1's length"),
+    "preprocess with 0 workers": (["preprocess", "--input", "{tmp}", "--output-prefix", "{tmp}/run/c",
+                                   "--train-tokenizer", "--vocab-size", "300", "--workers", "0"],
+                                  "argument --workers: 0 is not a whole number >= 1"),
+    "preprocess with a held-out fraction of 1.5": (
+        ["preprocess", "--input", "{tmp}", "--output-prefix", "{tmp}/run/c", "--train-tokenizer",
+         "--vocab-size", "300", "--held-out-fraction", "1.5"], "argument --held-out-fraction: 1.5 is not in [0, 1)"),
+    "preprocess into existing outputs": (["preprocess", "--input", "{tmp}", "--output-prefix", "{data}",
+                                          "--train-tokenizer", "--vocab-size", "300"],
+                                         "exists; pass --overwrite"),
+    "preprocess from a missing input": (["preprocess", "--input", "{tmp}/nothing", "--output-prefix",
+                                         "{tmp}/run/c", "--train-tokenizer", "--vocab-size", "300"],
+                                        "--input {tmp}/nothing does not exist"),
+    "demo with s = 0": (["demo", "--bag-size", "0", "--out", "{tmp}/run"], "--bag-size (s) must be >= 1"),
+    "demo with r = 1.5": (["demo", "--phase1-fraction", "1.5", "--out", "{tmp}/run"],
+                          "--phase1-fraction=1.5 must lie strictly between 0 and 1"),
     "unknown recipe name (plan)": (["plan", "tst_llama4"], "unknown recipe 'tst_llama4'"),
     "unknown recipe name (run)": (["run", "--factory", "tst_llama4", "--dryrun"],
                                   "unknown recipe 'tst_llama4' for --factory"),
@@ -133,8 +175,11 @@ OTHER_COMMANDS = {
 
 
 def different_run(save: Path, argv):
-    (save).mkdir(parents=True)
+    """A run of another model that has trained (a start that never saved does not pin its
+    settings: see test_a_failed_first_start_does_not_block_the_corrected_command)."""
+    (save / "phase1").mkdir(parents=True)
     (save / "tst_run.json").write_text(json.dumps({"identity": {"hidden_size": 128}}))
+    (save / "phase1" / "latest_checkpointed_iteration.txt").write_text("2")
     return []
 
 
@@ -148,19 +193,96 @@ def phase2_without_phase1(save: Path, argv):
     return ["--tst-phase", "2"]
 
 
-def checkpoint_past_the_end(save: Path, argv: list[str]):
+def checkpoint_past_the_end(save: Path, argv: list[str], iteration=50):
     """A genuine run directory of this plan whose phase 2 holds iteration 50 of 10."""
     from nemo_tst.training.arguments import plan_from_args
     from nemo_tst.training.driver import claim_run_directory, parse_megatron_args
 
     args = parse_megatron_args(argv[1:])
     claim_run_directory(save, args, plan_from_args(args))
-    (save / "phase2").mkdir(parents=True)
-    (save / "phase2" / "latest_checkpointed_iteration.txt").write_text("50")
+    if iteration is not None:
+        (save / "phase2").mkdir(parents=True)
+        (save / "phase2" / "latest_checkpointed_iteration.txt").write_text(str(iteration))
+    return []
+
+
+def save_is_a_file(save: Path, argv):
+    save.parent.mkdir(parents=True, exist_ok=True)
+    save.write_text("not a directory")
+    return []
+
+
+def unreadable_tokenizer(save: Path, argv):
+    bad = save.parent / "tokenizer.json"
+    bad.write_text("{ this is not a tokenizer")
+    return ["--tst-tokenizer", str(bad)]
+
+
+def copy_of_data(save: Path, data_prefix: str) -> str:
+    copy = save.parent / "data" / "corpus_train"
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    for suffix in (".bin", ".idx", ".tst.json"):
+        shutil.copy(data_prefix + suffix, str(copy) + suffix)
+    return str(copy)
+
+
+def truncated_index(save: Path, argv):
+    prefix = copy_of_data(save, argv[argv.index("--train-data-path") + 1])
+    with open(prefix + ".idx", "r+b") as f:
+        f.truncate(40)
+    return ["--train-data-path", prefix]
+
+
+def tokenizer_of_other_data(save: Path, argv):
+    from nemo_tst.data import train_bpe
+
+    other = save.parent / "other_tokenizer.json"
+    train_bpe([" ".join(f"v{i} x{i * 3}" for i in range(300))], vocab_size=300, save_path=other)
+    return ["--tst-tokenizer", str(other)]
+
+
+def data_ids_beyond_the_vocabulary(save: Path, argv):
+    prefix = copy_of_data(save, argv[argv.index("--train-data-path") + 1])
+    record = json.loads(Path(prefix + ".tst.json").read_text())
+    record["max_token_id"] = 310  # as data made with a larger tokenizer would hold
+    Path(prefix + ".tst.json").write_text(json.dumps(record))
+    return ["--train-data-path", prefix]
+
+
+def no_complete_checkpoint(save: Path, argv):
+    """A run whose only phase-1 checkpoint lost its data file: nothing to fall back to."""
+    checkpoint_past_the_end(save, argv, iteration=None)
+    (save / "phase1" / "iter_0000002").mkdir(parents=True)
+    (save / "phase1" / "iter_0000002" / "metadata.json").write_text('{"sharded_backend": "torch_dist"}')
+    (save / "phase1" / "latest_checkpointed_iteration.txt").write_text("2")
+    return []
+
+
+def garbage_tracker(save: Path, argv):
+    checkpoint_past_the_end(save, argv, iteration=None)
+    (save / "phase1").mkdir(parents=True)
+    (save / "phase1" / "latest_checkpointed_iteration.txt").write_text("garbage\x00")
+    return []
+
+
+def other_target_weights(save: Path, argv):
+    """The same run but trained with other --tst-target-weights: a different run."""
+    checkpoint_past_the_end(save, [*argv, "--tst-target-weights", "4", "3", "2", "1"], iteration=None)
+    (save / "phase1").mkdir(parents=True)
+    (save / "phase1" / "latest_checkpointed_iteration.txt").write_text("2")
     return []
 
 
 PREPARED = {
+    "--save naming a regular file": (save_is_a_file, "is a file, not a directory"),
+    "unreadable tokenizer.json": (unreadable_tokenizer, "is not a tokenizer.json the tokenizers library can read"),
+    "truncated .idx": (truncated_index, "corpus_train.idx is"),
+    "tokenizer of other data": (tokenizer_of_other_data, "was preprocessed with another tokenizer"),
+    "--vocab-size below the data's largest id": (data_ids_beyond_the_vocabulary,
+                                                 "--vocab-size 300 is below the largest token id"),
+    "latest checkpoint damaged, none to fall back to": (no_complete_checkpoint, "holds no complete checkpoint"),
+    "tracker holding garbage, nothing to fall back to": (garbage_tracker, "its tracker cannot be read"),
+    "resume with other target weights": (other_target_weights, "tst_target_weights: [4.0, 3.0, 2.0, 1.0] there vs None now"),
     "output directory holding a different run": (different_run, "holds a different TST run"),
     "output directory that is not a TST run": (foreign_directory, "is not a TST run directory"),
     "phase 2 with no phase-1 checkpoint": (phase2_without_phase1, "phase 2 needs phase 1's checkpoint"),
@@ -179,25 +301,94 @@ def test_wsd_without_its_annealing_length_is_refused_before_any_work(small_data,
     assert not (tmp_path / "run").exists()
 
 
+def _without_option(argv: list[str], option: str) -> list[str]:
+    at = argv.index(option)
+    return argv[:at] + argv[at + 2:] if at + 1 < len(argv) and not argv[at + 1].startswith("--") else argv[:at] + argv[at + 1:]
+
+
+USAGE_ERRORS = {"s not an integer", "unknown option", "plan with an MFU of 0", "plan with an MFU above 1",
+                "plan with negative corpus tokens", "preprocess with 0 workers",
+                "preprocess with a held-out fraction of 1.5"}
+"""Cases whose command line does not parse: exit status 2 (every other refusal: 1)."""
+
+
 @pytest.mark.parametrize("case", list(BAD_INPUTS) + list(PREPARED) + list(OTHER_COMMANDS))
 def test_bad_input_is_refused_before_any_work(small_data, tmp_path, capsys, case, monkeypatch):
+    """One line naming the setting, the exit status of its kind, no traceback, nothing
+    launched or trained, nothing on disk changed."""
     monkeypatch.setenv("NEMORUN_HOME", str(tmp_path / "nemo_run"))
+    monkeypatch.delenv("NEMO_TST_DEBUG", raising=False)
     save = tmp_path / "run"
     if case in BAD_INPUTS:
         extra, words = BAD_INPUTS[case]
-        argv = pretrain_args(small_data, save, *extra)
+        argv = pretrain_args(small_data, save)
+        if None in extra:  # (option, None): the option left out
+            argv = _without_option(argv, extra[0])
+        else:
+            argv = argv + list(extra)
     elif case in PREPARED:
         prepare, words = PREPARED[case]
         argv = pretrain_args(small_data, save, *prepare(save, pretrain_args(small_data, save)))
     else:
         argv, words = OTHER_COMMANDS[case]
-    before = tree(save)
-    try:
-        rc = main(argv)
-    except SystemExit as exit:  # argparse's own type errors
-        rc = exit.code
-    err = capsys.readouterr().err
-    assert rc not in (0, None), err
+        fill = {"{tmp}": str(tmp_path), "{data}": str(small_data["prefix"])}
+        for key, value in fill.items():
+            argv = [a.replace(key, value) for a in argv]
+            words = words.replace(key, value)
+    before = tree(tmp_path)
+    rc = main(argv)
+    captured = capsys.readouterr()
+    err = captured.err
+    assert rc == (2 if case in USAGE_ERRORS else 1), err
     assert words in err, err
-    assert "[nemo-tst] phase" not in err  # nothing was launched
-    assert tree(save) == before  # nothing on disk changed
+    assert len(err.strip().splitlines()) == 1, err  # one line
+    assert "Traceback" not in err and "NEMO_TST_DEBUG" in err or case in USAGE_ERRORS, err
+    assert "[nemo-tst] phase" not in captured.out + err  # nothing was launched
+    assert "trained tokenizer" not in err  # no tokenizer trained
+    assert tree(tmp_path) == before  # nothing on disk changed
+
+
+def test_debug_switch_shows_the_traceback(small_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("NEMO_TST_DEBUG", "1")
+    with pytest.raises(ValueError, match="--micro-batch-size=0 must be at least 1"):
+        main(pretrain_args(small_data, tmp_path / "run", "--micro-batch-size", "0"))
+
+
+def test_pretrain_help_lists_every_tst_option(capsys):
+    from nemo_tst.training.arguments import add_tst_arguments
+
+    import argparse
+
+    assert main(["pretrain", "--help"]) == 0
+    out = capsys.readouterr().out
+    options = [a.option_strings[0] for a in add_tst_arguments(argparse.ArgumentParser())._actions
+               if a.option_strings and a.option_strings[0].startswith("--tst-")]
+    assert len(options) >= 13
+    for option in options:
+        assert option in out, option
+    assert "(default: 0.3)" in out or "default 0.3" in out
+    assert "--megatron-help" in out
+    assert main(["pretrain", "--megatron-help"]) == 0
+    assert "--num-layers" in capsys.readouterr().out  # Megatron's own, despite its '%' help string
+
+
+def test_a_failed_first_start_does_not_block_the_corrected_command(small_data, tmp_path):
+    """A manifest from a start that never saved a checkpoint does not pin its settings."""
+    from nemo_tst.training.arguments import plan_from_args
+    from nemo_tst.training.driver import check_before_launch, claim_run_directory, parse_megatron_args
+
+    save = tmp_path / "run"
+    first = pretrain_args(small_data, save, "--tst-bag-size", "2")[1:]
+    args = parse_megatron_args(first)
+    claim_run_directory(save, args, plan_from_args(args))  # the failed start's claim
+    corrected = pretrain_args(small_data, save, "--tst-bag-size", "3")[1:]
+    args = parse_megatron_args(corrected)
+    check_before_launch(corrected, args, plan_from_args(args), 1)  # accepted
+    claim_run_directory(save, args, plan_from_args(args))
+    assert json.loads((save / "tst_run.json").read_text())["identity"]["tst_bag_size"] == 3
+    # Once it has a checkpoint, the directory is that run's.
+    (save / "phase1").mkdir()
+    (save / "phase1" / "latest_checkpointed_iteration.txt").write_text("2")
+    with pytest.raises(ValueError, match="holds a different TST run"):
+        args = parse_megatron_args(first)
+        check_before_launch(first, args, plan_from_args(args), 1)

@@ -3,6 +3,8 @@
 Distributed cases run in spawned processes so the pytest process never joins a process group.
 """
 
+import importlib
+import inspect
 import os
 
 import pytest
@@ -185,6 +187,88 @@ def test_enable_is_idempotent_keeps_originals_and_disables(cpu_patches_off):
         }[key]
         assert current is fn, key
     assert "cuda" not in vars(MegatronModule)
+
+
+def missing_megatron_names(names) -> list[str]:
+    """The names of `names` ("module:qualified.name", "(param)" for a keyword of a callable)
+    that the installed megatron-core lacks."""
+    missing = []
+    for target in names:
+        module_name, _, path = target.partition(":")
+        path, _, param = path.partition("(")
+        try:
+            obj = importlib.import_module(module_name)
+        except ImportError:
+            missing.append(target)
+            continue
+        for part in path.split("."):
+            if not hasattr(obj, part):
+                missing.append(target)
+                break
+            obj = getattr(obj, part)
+        else:
+            if param and param.rstrip(")") not in inspect.signature(obj).parameters:
+                missing.append(target)
+    return missing
+
+
+def test_every_patched_megatron_name_exists(cpu_patches_off):
+    """Every attribute nemo_tst.cpu replaces or relies on is still in the installed
+    megatron-core: a renamed or moved name fails here, not deep inside a CPU run."""
+    assert len(cpu.MEGATRON_NAMES) == len(set(cpu.MEGATRON_NAMES))
+    assert {p.target for p in cpu._PATCHES} <= set(cpu.MEGATRON_NAMES)
+    assert missing_megatron_names(cpu.MEGATRON_NAMES) == []
+
+
+def test_a_missing_megatron_name_is_reported():
+    made_up = [
+        "megatron.core.utils:no_such_function",
+        "megatron.core.no_such_module:anything",
+        "megatron.core.transformer.module:MegatronModule.no_such_method",
+        "megatron.training.initialize:initialize_megatron(no_such_keyword)",
+    ]
+    assert missing_megatron_names(made_up + ["megatron.core.utils:torch"]) == made_up
+
+
+def _signature_mismatches(replacement, original) -> list[str]:
+    """How a call that fits `original` could fail to fit `replacement` (empty: none)."""
+    P = inspect.Parameter
+    positional = (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD)
+    rep = inspect.signature(replacement, follow_wrapped=False).parameters
+    org = inspect.signature(original, follow_wrapped=False).parameters
+    rep_kinds = {p.kind for p in rep.values()}
+    org_positional = [n for n, p in org.items() if p.kind in positional]
+    rep_positional = [n for n, p in rep.items() if p.kind in positional]
+    problems = []
+    prefix = rep_positional[: len(org_positional)]
+    if P.VAR_POSITIONAL not in rep_kinds and prefix != org_positional:
+        problems.append(f"positional parameters {org_positional} became {rep_positional}")
+    for name, p in org.items():
+        if p.kind is P.KEYWORD_ONLY and name not in rep and P.VAR_KEYWORD not in rep_kinds:
+            problems.append(f"keyword {name!r} dropped")
+        if p.kind in (P.VAR_POSITIONAL, P.VAR_KEYWORD) and p.kind not in rep_kinds:
+            problems.append(f"{p} dropped")
+    for name, p in rep.items():
+        required = p.default is P.empty and p.kind not in (P.VAR_POSITIONAL, P.VAR_KEYWORD)
+        if required and name not in org:
+            problems.append(f"requires {name!r}, which the original does not take")
+    return problems
+
+
+def test_replacement_functions_accept_the_originals_calls(cpu_patches_off):
+    """Each replacement takes whatever its original takes, so a Megatron signature change
+    (a new required argument, a renamed keyword) shows here."""
+    checked = 0
+    for p in cpu._PATCHES:
+        owner, name = cpu._resolve(p.target)
+        original = getattr(owner, name)
+        replacement = p.make(original)
+        if callable(original) and inspect.isfunction(replacement):
+            assert _signature_mismatches(replacement, original) == [], p.target
+            checked += 1
+    assert checked > 20
+    made_up = lambda self, extra: None  # noqa: E731 - a replacement that needs one more argument
+    assert _signature_mismatches(made_up, torch.nn.Module.cuda)
 
 
 def test_tensor_methods_are_swapped_only_inside_patched_calls(cpu_patches_off):

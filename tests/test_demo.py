@@ -16,6 +16,7 @@ def test_demo_ci_size_runs_baseline_and_tst(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     base, tst = summary["runs"]["baseline"], summary["runs"]["tst"]
     assert math.isfinite(base["final_valid_loss"]) and math.isfinite(tst["final_valid_loss"])
+    assert summary["recipe"] == "tst_tiny"  # the ci size is that recipe (conf/demo.yaml)
     assert base["bag_size"] == 1 and tst["bag_size"] == 4
     assert tst["phase1_iters"] == round(0.3 * summary["iterations"])
     # Equal steps, L and batch; phase 1 reads s times the text per step.

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from nemo_tst.core.plan import run_phases
 from nemo_tst.training.arguments import plan_from_args
 from nemo_tst.training.driver import (
     launch_command,
@@ -15,7 +16,6 @@ from nemo_tst.training.driver import (
     phase_argv,
     phase_commands,
     resolve_phase_start,
-    run_phases,
 )
 
 N, N1 = 10, 3
@@ -32,7 +32,11 @@ def argv_for(save: Path, s: int, *extra: str) -> list[str]:
 
 
 def checkpoint(directory: Path, iteration: int) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
+    """A checkpoint as the run-directory checks see one: the tracker and a rank's (legacy
+    torch-format) file that is not empty."""
+    rank_file = directory / f"iter_{iteration:07d}" / "mp_rank_00" / "model_optim_rng.pt"
+    rank_file.parent.mkdir(parents=True, exist_ok=True)
+    rank_file.write_bytes(b"weights")
     (directory / "latest_checkpointed_iteration.txt").write_text(str(iteration))
 
 

@@ -181,3 +181,21 @@ def test_local_run_refuses_bad_input_before_launch(tmp_path, capsys):
                f"recipe.data.prefix={tmp_path / 'nothing'}", "--yes"])
     assert rc != 0
     assert not (tmp_path / "run").exists()
+
+
+def test_the_readme_slurm_example_runs_unattended_as_written(tmp_path):
+    """README's `nemo-tst run ... --dryrun` for Slurm, exactly as printed there, with no one at
+    the terminal (stdin closed): it must not stop at NeMo-Run's "Continue? [y/N]"."""
+    import shlex
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index('nemo-tst run --factory "tst_qwen3_10b_a1b')
+    end = readme.index("\n", readme.index("--dryrun", start))
+    command = readme[start:end].replace("\\\n", " ").split("#", 1)[0]
+    argv = shlex.split(command)
+    assert argv[:2] == ["nemo-tst", "run"] and "--dryrun" in argv and "run.executor=slurm" in argv
+    done = subprocess.run([sys.executable, "-m", "nemo_tst.cli", *argv[1:]], stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env=dict(os.environ, NEMORUN_HOME=str(tmp_path / "nemo_run")))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "#SBATCH" in done.stdout + done.stderr

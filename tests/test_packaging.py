@@ -1,4 +1,4 @@
-"""What can be checked here of the container, the launch recipe and conf/ (no Docker engine)."""
+"""What can be checked here of the container, the launch recipe and nemo_tst/conf (no Docker engine)."""
 
 import subprocess
 from pathlib import Path
@@ -19,7 +19,8 @@ def test_dockerfile_base_image_is_a_build_argument_and_installs_this_package():
     for sources in copies:
         for src in sources:
             assert (ROOT / src).exists(), f"Dockerfile copies {src}, which the repository lacks"
-    assert 'RUN pip install --no-cache-dir -e ".[plot]"' in instructions  # the package's own install
+    # The package's own install, not editable: its YAML travels as package data.
+    assert 'RUN pip install --no-cache-dir ".[plot]"' in instructions
     assert instructions[-2] == 'ENTRYPOINT ["nemo-tst-entrypoint"]'
     assert "COPY docker/entrypoint.sh /usr/local/bin/nemo-tst-entrypoint" in instructions
 
@@ -54,14 +55,21 @@ def test_slurm_script_parses_and_names_missing_settings():
 
 
 def test_demo_sizes_come_from_conf():
-    from nemo_tst.demo import load_sizes
+    """Each demo size names a recipe (model, schedule, the TST run's s and r) and keeps only
+    what the demo alone needs; the ci size is the tst_tiny recipe the tests use."""
+    from nemo_tst.demo import load_sizes, size_recipe
+    from nemo_tst.recipes import check_recipe, recipe_names
 
     sizes = load_sizes()
     assert set(sizes) == {"ci", "cpu", "gpu"}
-    keys = {"vocab", "layers", "hidden", "heads", "ffn", "seq", "mbs", "gbs", "iters", "lr",
-            "warmup", "eval_interval", "eval_iters", "corpus_bytes", "side_by_side", "bag_size",
-            "phase1_fraction"}
+    assert sizes["ci"]["recipe"] == "tst_tiny"
     for name, size in sizes.items():
-        assert set(size) == keys, name
-        assert size["gbs"] % size["mbs"] == 0 and size["hidden"] % size["heads"] == 0
-        assert size["bag_size"] >= 2 and 0 < size["phase1_fraction"] < 1
+        assert set(size) == {"recipe", "corpus_bytes", "side_by_side"}, name
+        assert size["recipe"] in recipe_names(), name
+        recipe = size_recipe(name)
+        assert recipe.parallel.num_gpus == 1, name  # one process: a CPU pair or one GPU
+        _, plan = check_recipe(recipe, local=False)  # Megatron's parser + the recipe checks
+        assert plan.superposition.bag_size >= 2 and 0 < recipe.tst.phase1_fraction < 1, name
+        assert plan.phase1_iters < plan.train_iters, name
+        assert size["corpus_bytes"] is None or size["corpus_bytes"] > 0, name
+        assert isinstance(size["side_by_side"], bool), name

@@ -6,7 +6,8 @@ import pytest
 
 from nemo_tst.cli import main
 from nemo_tst.recipes import check_recipe, load_recipe, plan_report, recipe_names
-from nemo_tst.recipes.catalog import CONF_DIR, precision_names
+from nemo_tst.conf import read_conf, recipe_files
+from nemo_tst.recipes.catalog import precision_names
 
 PAPER_SCALES = ["tst_llama3_270m", "tst_llama3_600m", "tst_smollm3_3b", "tst_qwen3_10b_a1b"]
 
@@ -182,9 +183,8 @@ def test_overrides_are_typed_and_checked():
     (["tst.phase1_fraction=1.0"], 1, "strictly between 0 and 1"),
 ])
 def test_recipe_validation_names_the_fix(overrides, gpus, words):
-    recipe = load_recipe("tst_tiny", gpus=gpus, overrides=overrides)
-    with pytest.raises(ValueError) as err:
-        check_recipe(recipe, local=False)
+    with pytest.raises(ValueError) as err:  # TST settings are refused as the override applies
+        check_recipe(load_recipe("tst_tiny", gpus=gpus, overrides=overrides), local=False)
     assert words in str(err.value)
 
 
@@ -221,7 +221,81 @@ def test_where_the_job_runs_checks(tmp_path):
 
 
 def test_conf_is_yaml_with_citations():
-    for path in (CONF_DIR / "recipes").glob("tst_*.yaml"):
-        text = path.read_text()
-        if path.stem != "tst_tiny":
+    for name, path in recipe_files().items():
+        if name.startswith("tst_") and name != "tst_tiny":
+            text = path.read_text()
             assert "config.json" in text or "paper" in text.lower(), f"{path} cites no source"
+
+
+# A user's recipe in the built-ins' schema (self-contained: no built-in file is copied).
+USER_RECIPE = """\
+model: {num_layers: 2, hidden_size: 64, ffn_hidden_size: 172, num_attention_heads: 4,
+        num_query_groups: 2, vocab_size: 1024, seq_length: 64}
+training: {train_iters: 40, global_batch_size: 8, lr: 3.0e-3, min_lr: 3.0e-4, warmup_iters: 3}
+tst: {bag_size: 3, phase1_fraction: 0.25}
+parallel:
+  1: {micro_batch_size: 4}
+"""
+
+
+def test_a_recipe_dir_adds_recipes_to_recipes_and_plan(tmp_path, capsys):
+    (tmp_path / "my_tiny.yaml").write_text(USER_RECIPE)
+    (tmp_path / "tst_tiny.yaml").write_text(USER_RECIPE.replace("bag_size: 3", "bag_size: 5"))
+    (tmp_path / "notes.txt").write_text("not a recipe")
+    names = recipe_names(tmp_path)
+    assert "my_tiny" in names and set(recipe_names()) <= set(names) and "notes" not in names
+    assert "my_tiny" not in recipe_names()  # only when the directory is given
+
+    assert main(["recipes", "--recipe-dir", str(tmp_path)]) == 0
+    listed = {line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert {"my_tiny", *recipe_names()} <= listed
+
+    assert main(["plan", "my_tiny", "--recipe-dir", str(tmp_path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [p["iterations"] for p in report["phases"]] == [10, 30]  # 0.25 of 40 steps, s=3
+    assert main(["plan", "my_tiny", "--recipe-dir", str(tmp_path), "tst.bag_size=2"]) == 0
+    assert "phase 1 (superposition)" in capsys.readouterr().out
+
+    # The user's file named like a built-in recipe wins; without the directory the built-in.
+    assert load_recipe("tst_tiny", recipe_dir=tmp_path).tst.bag_size == 5
+    assert load_recipe("tst_tiny").tst.bag_size != 5
+
+
+def test_a_missing_or_wrong_recipe_dir_is_refused(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(ValueError, match=f"recipe directory {missing} does not exist"):
+        recipe_names(missing)
+    assert main(["plan", "tst_tiny", "--recipe-dir", str(missing)]) == 1
+    assert f"recipe directory {missing} does not exist" in capsys.readouterr().err
+    assert main(["recipes", "--recipe-dir", str(missing)]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="holds no <name>.yaml recipe files"):
+        load_recipe("tst_tiny", recipe_dir=empty)
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "my_tiny.yaml").write_text(USER_RECIPE)
+    with pytest.raises(ValueError, match=r"unknown recipe 'other'; choose one of \[.*'my_tiny'"):
+        load_recipe("other", recipe_dir=tmp_path / "mine")
+    (tmp_path / "mine" / "no_tst.yaml").write_text(USER_RECIPE.replace("tst:", "tsst:"))
+    with pytest.raises(ValueError, match=r"no_tst.yaml needs the sections .*missing .*\['tst'\]"):
+        load_recipe("no_tst", recipe_dir=tmp_path / "mine")
+    (tmp_path / "mine" / "typo.yaml").write_text(USER_RECIPE.replace("num_layers", "num_layerz"))
+    with pytest.raises(ValueError, match="typo.yaml, section model: .*num_layerz.*its fields are"):
+        load_recipe("typo", recipe_dir=tmp_path / "mine")
+
+
+def test_missing_package_conf_is_a_broken_install_not_an_empty_catalog(tmp_path, monkeypatch):
+    import nemo_tst.conf as conf
+
+    assert conf.conf_file("recipes/tst_tiny.yaml").is_file()
+    assert read_conf(conf.CONF_DIR / "demo.yaml")  # the path nemo_tst.demo reads
+    monkeypatch.setattr(conf, "CONF_FILES", tmp_path / "no-conf")
+    with pytest.raises(FileNotFoundError, match="no recipes in .*no-conf.*install is broken"):
+        recipe_names()
+    with pytest.raises(FileNotFoundError, match="precision.yaml is missing: the nemo-tst install is broken"):
+        precision_names()
+    with pytest.raises(FileNotFoundError, match=r"^\S*elsewhere.yaml is missing$"):
+        read_conf(tmp_path / "elsewhere.yaml")  # a user's file: no reinstall advice

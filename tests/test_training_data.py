@@ -4,15 +4,10 @@ same samples, and a plan larger than the corpus is reported."""
 import numpy as np
 import pytest
 
-from nemo_tst.superposition import SuperpositionConfig
-from nemo_tst.training.arguments import TSTPlan
-from nemo_tst.training.data import (
-    TSTTrainDataset,
-    check_corpus_budget,
-    item_sequence_length,
-    items_needed,
-    pieces_per_item,
-)
+from nemo_tst.core.data import TSTTrainDataset, item_sequence_length, items_needed, pieces_per_item
+from nemo_tst.core.plan import TSTPlan
+from nemo_tst.core.settings import TSTSettings
+from nemo_tst.training.driver import check_corpus_budget
 
 EOD = 0
 
@@ -60,7 +55,7 @@ def build_items(prefix, vocab, plan, cache):
 
 
 def make_plan(s=4, mode="full", L=16, gbs=4, N=40, n1=12):
-    return TSTPlan(superposition=SuperpositionConfig(bag_size=s, mode=mode), seq_length=L,
+    return TSTPlan(settings=TSTSettings(bag_size=s, mode=mode), seq_length=L,
                    global_batch_size=gbs, train_iters=N, phase1_iters=n1)
 
 

@@ -197,7 +197,7 @@ def test_non_finite_loss_stops_naming_step_and_phase_and_keeps_the_last_good_che
     text = (tmp_path / "nan.log").read_text()
     assert proc.returncode != 0
     # The driver's own error names the step and the phase (Megatron's check raised it).
-    assert re.search(r"nemo-tst pretrain: error: phase 2 exited .*non-finite TST phase-2 loss "
+    assert re.search(r"nemo-tst pretrain: error: phase 2 crashed during training .*non-finite TST phase-2 loss "
                      r"at iteration 6", text), text[-3000:]
     bad_iteration = 6
     # Every complete checkpoint precedes the bad step (Megatron's rerun machine saves the state
@@ -349,3 +349,139 @@ def test_weighted_blend_of_corpora_trains_both_phases(data, tmp_path):
     log, _ = run_pretrain(tmp_path / "run", argv)
     assert sorted(log.train) == list(range(1, N + 1))
     assert {log.phase[it] for it in log.train} == {1, 2}
+
+
+# ------------------------------------------------------------------------------------------
+# Damaged checkpoints: the rerun falls back to the newest complete one of the same phase
+# ------------------------------------------------------------------------------------------
+
+
+def _stopped_copy(reference, tmp_path, *, phase2_upto):
+    """A copy of the reference run as it was when phase 2 had saved up to `phase2_upto`
+    (None: phase 2 never started), i.e. a run stopped there."""
+    import shutil
+
+    save = tmp_path / "run"
+    shutil.copytree(reference["save"], save)
+    p2 = save / "phase2"
+    if phase2_upto is None:
+        shutil.rmtree(p2)
+    else:
+        for path in p2.glob("iter_*"):
+            if int(path.name[5:]) > phase2_upto:
+                shutil.rmtree(path)
+        (p2 / "latest_checkpointed_iteration.txt").write_text(str(phase2_upto))
+    return save
+
+
+def _damage(checkpoint: Path, kind: str) -> None:
+    """Damage the checkpoint (an iter_NNNNNNN directory) or its directory's tracker."""
+    if kind == "truncated file":
+        data = next(checkpoint.glob("*.distcp"))
+        with open(data, "r+b") as f:
+            f.truncate(data.stat().st_size // 2)
+    elif kind == "deleted file":
+        next(checkpoint.glob("*.distcp")).unlink()
+    elif kind == "missing metadata (common state)":
+        (checkpoint / ".metadata").unlink()  # megatron-core 0.19 keeps the common state there
+    elif kind == "garbage tracker":
+        (checkpoint.parent / "latest_checkpointed_iteration.txt").write_text("#@!garbage")
+    else:
+        raise AssertionError(kind)
+
+
+KINDS = ["truncated file", "deleted file", "missing metadata (common state)", "garbage tracker"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("phase", [1, 2])
+def test_damaged_latest_checkpoint_is_found_and_an_earlier_one_chosen(reference, tmp_path, phase, kind):
+    """Each kind of damage, in each phase: the driver's check names it and picks the newest
+    complete checkpoint of the same phase (or, in phase 2 with none, the handoff), without
+    touching anything until the run goes ahead."""
+    from nemo_tst.core import run_dir
+    from nemo_tst.training.arguments import MEGATRON_NAMES, plan_from_args
+    from nemo_tst.training.driver import parse_megatron_args
+
+    save = _stopped_copy(reference, tmp_path, phase2_upto=None if phase == 1 else 6)
+    latest = save / f"phase{phase}" / f"iter_{(N1 if phase == 1 else 6):07d}"
+    _damage(latest, kind)
+    plan = plan_from_args(parse_megatron_args(reference["argv"] + ["--save", str(save)]))
+    before = sorted(str(p) for p in save.rglob("*"))
+    fixes = run_dir.damaged_checkpoint_fallbacks(save, plan, MEGATRON_NAMES)
+    assert sorted(str(p) for p in save.rglob("*")) == before  # a check changes nothing
+    [(directory, iteration, problems)] = fixes
+    assert directory == save / f"phase{phase}"
+    want = 2 if phase == 1 else 4  # the save before (SAVE_INTERVAL = 2)
+    if kind == "garbage tracker":
+        want = N1 if phase == 1 else 6  # the tracked checkpoint is intact: the newest complete
+    assert iteration == want, problems
+    assert problems and all(str(save) in p for p in problems)
+
+
+@pytest.mark.parametrize("case", ["phase 1, truncated file", "phase 2, garbage tracker",
+                                  "phase 2, only damaged checkpoints: back to the handoff"])
+def test_rerun_after_damage_finishes_with_the_undamaged_runs_losses(reference, tmp_path, case):
+    """The rerun warns, names what it skipped, keeps the damaged files (renamed), and finishes
+    the plan with the same losses and final held-out loss as the undamaged run."""
+    if case.startswith("phase 1"):
+        save = _stopped_copy(reference, tmp_path, phase2_upto=None)
+        _damage(save / "phase1" / f"iter_{N1:07d}", "truncated file")
+        first, damaged = N1, save / "phase1" / f"iter_{N1:07d}.damaged"
+    elif case.startswith("phase 2, garbage"):
+        save = _stopped_copy(reference, tmp_path, phase2_upto=8)
+        _damage(save / "phase2" / "iter_0000008", "garbage tracker")
+        first, damaged = 9, save / "phase2" / "latest_checkpointed_iteration.txt.damaged"
+    else:
+        save = _stopped_copy(reference, tmp_path, phase2_upto=4)
+        _damage(save / "phase2" / "iter_0000004", "missing metadata (common state)")
+        first, damaged = N1 + 1, save / "phase2" / "iter_0000004.damaged"
+    log, _ = run_pretrain(save, reference["argv"])
+    said = (save.parent / "run.log").read_text()
+    assert "WARNING: the latest checkpoint in" in said and "is damaged" in said, said[-3000:]
+    assert damaged.exists()  # kept, under another name: nothing deleted
+    ref = reference["log"]
+    resumed = sorted(log.train)
+    assert resumed[0] == first and resumed[-1] == N
+    assert [log.loss(it) for it in resumed] == pytest.approx([ref.loss(it) for it in resumed], rel=1e-6)
+    assert log.valid[N] == ref.valid[N]
+    # The handoff survives: phase 1's final checkpoint is complete and tracked.
+    assert (save / "phase1" / "latest_checkpointed_iteration.txt").read_text().strip() == str(N1)
+    assert (save / "phase1" / f"iter_{N1:07d}").is_dir()
+
+
+# ------------------------------------------------------------------------------------------
+# One run per directory
+# ------------------------------------------------------------------------------------------
+
+
+def test_a_second_run_on_the_same_directory_refuses_naming_the_holder(reference, tmp_path):
+    """Two real `nemo-tst pretrain` processes, one --save: the second refuses (host, pid, since
+    when) while the first trains; the lock goes with the holder however it ends."""
+    import signal
+    import socket
+    import time
+
+    from nemo_tst.core.run_dir import LOCK, RunLock
+    from nemo_tst.training.arguments import MEGATRON_NAMES
+
+    save = tmp_path / "run"
+    argv = reference["argv"] + ["--train-iters", "5000"]  # still training when the second comes
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(pretrain_cmd(save, argv), stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not ((save / LOCK).is_file() and (save / LOCK).read_text()) and first.poll() is None:
+            assert time.time() < deadline, "the first run never took the lock"
+            time.sleep(0.5)
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        second = subprocess.run(pretrain_cmd(save, argv), capture_output=True, text=True, timeout=300)
+        assert second.returncode == 1, second.stderr
+        assert "is in use by another run" in second.stderr
+        assert f"pid {first.pid} on host {socket.gethostname()}, since" in second.stderr
+        assert "[nemo-tst] phase" not in second.stdout
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the holder dies without releasing anything
+        first.wait()
+    RunLock(save).acquire(MEGATRON_NAMES).release()  # the OS released it with the holder

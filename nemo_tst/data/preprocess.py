@@ -40,6 +40,7 @@ from nemo_tst.data.corpus import (
     normalize_extensions,
     read_text,
 )
+from nemo_tst.data.provenance import SIDECAR, write_provenance
 from nemo_tst.data.tokenizer import HFTokenizer
 
 
@@ -266,7 +267,7 @@ def preprocess(
     jobs = [(0, d) for d in train_docs] + [(1, d) for d in valid_docs]
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
     builders = [IndexedDatasetBuilder(p + ".bin.tmp", dtype=dtype) for p in prefixes]
-    counts = [[0, 0] for _ in prefixes]  # [documents, tokens] per split
+    counts = [[0, 0, -1] for _ in prefixes]  # [documents, tokens, largest id] per split
     bar = Progress(len(jobs), stream=progress_stream, enabled=progress)
     pool = None
     try:
@@ -283,14 +284,17 @@ def preprocess(
             builders[split].end_document()
             counts[split][0] += 1
             counts[split][1] += int(ids.size)
+            if ids.size:
+                counts[split][2] = max(counts[split][2], int(ids.max()))
             bar.update(1, int(ids.size))
         for p, builder in zip(prefixes, builders):
             builder.finalize(p + ".idx.tmp")
-        for p in prefixes:
+        for p, (documents, tokens, largest) in zip(prefixes, counts):
             os.replace(p + ".bin.tmp", p + ".bin")
             os.replace(p + ".idx.tmp", p + ".idx")
+            write_provenance(p, tokenizer, max_token_id=largest, tokens=tokens, documents=documents)
         if not valid_docs:  # overwrite=True: no stale validation split next to a new train split
-            for path in (valid_prefix + ".bin", valid_prefix + ".idx"):
+            for path in (valid_prefix + ".bin", valid_prefix + ".idx", valid_prefix + SIDECAR):
                 if os.path.exists(path):
                     os.remove(path)
     finally:

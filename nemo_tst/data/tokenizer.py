@@ -89,7 +89,22 @@ class HFTokenizer(MegatronTokenizerBase):
                 f"tokenizer: {str(path)!r} does not exist; point it at a tokenizer.json, or "
                 "train one first with train_bpe(texts, vocab_size=..., save_path=...)."
             )
-        return cls(tokenizers.Tokenizer.from_file(str(path)), path=path, **kwargs)
+        try:
+            loaded = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as err:  # tokenizers raises a bare Exception for any unreadable file
+            raise ValueError(
+                f"tokenizer: {str(path)!r} is not a tokenizer.json the tokenizers library can read "
+                f"({' '.join(str(err).split())[:200]}); point it at the tokenizer.json nemo-tst "
+                "preprocess wrote (or used)"
+            ) from None
+        return cls(loaded, path=path, **kwargs)
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the tokenizer's canonical JSON: equal for the same vocabulary, merges and
+        special tokens, however the file was written."""
+        import hashlib
+
+        return hashlib.sha256(self.to_str().encode()).hexdigest()
 
     @classmethod
     def from_str(cls, json_str: str, **kwargs) -> "HFTokenizer":

@@ -1,6 +1,6 @@
 """Which checkpoint of a TST run to export, and its weights as whole (unsharded) tensors.
 
-A TST run directory (`nemo-tst pretrain --save RUN`, see `nemo_tst.training.driver`) holds
+A TST run directory (`nemo-tst pretrain --save RUN`, see `nemo_tst.core.run_dir`) holds
 RUN/tst_run.json, RUN/phase1/ and RUN/phase2/, each a Megatron save directory with
 `latest_checkpointed_iteration.txt` and `iter_NNNNNNN/` torch_dist checkpoints.
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from nemo_tst.training.driver import TRACKER, latest_iteration
+from nemo_tst.core.run_dir import MEGATRON_TRACKER as TRACKER, latest_iteration
 
 __all__ = ["CheckpointChoice", "choose_checkpoint", "read_checkpoint", "unstack_layers"]
 

@@ -3,12 +3,14 @@ precision, data and where to save. `TSTRecipe.megatron_args()` turns it into the
 `nemo-tst pretrain` (Megatron-LM GPT arguments plus `--tst-*`), the one place a recipe meets
 Megatron; everything downstream (validation, the plan, launching) reads those arguments.
 
-The recipes of the paper's scales are YAML files in `conf/recipes/` (loaded by
+The recipes of the paper's scales are YAML files in `nemo_tst/conf/recipes/` (loaded by
 `nemo_tst.recipes.catalog`); every field below can be overridden as `section.field=value`.
 """
 
 from dataclasses import dataclass, field
 from typing import Optional
+
+from nemo_tst.core.settings import TSTSettings
 
 __all__ = [
     "DataPaths", "ModelShape", "ParallelLayout", "Precision", "TSTRecipe", "TSTSettings",
@@ -144,29 +146,6 @@ class TrainingSchedule:
 
 
 @dataclass(kw_only=True)
-class TSTSettings:
-    """Token superposition: phase 1 averages bags of s tokens for the first r of the steps."""
-
-    bag_size: int
-    """s (paper: 6 dense, 16 MoE); 1 is ordinary training (the baseline)."""
-    phase1_fraction: float = 0.3
-    """r, the fraction of train_iters in phase 1 (paper: 0.2-0.4)."""
-    phase1_iters: Optional[int] = None
-    """Phase-1 iterations; overrides phase1_fraction when set."""
-    mode: str = "full"
-    """full, or the paper's ablations input_only / output_only."""
-    weighting: str = "uniform"
-    """How the s targets share a position's loss: uniform, power, exp, first."""
-
-    def megatron_args(self) -> list:
-        args = ["--tst-bag-size", self.bag_size, "--tst-mode", self.mode,
-                "--tst-weighting", self.weighting]
-        if self.phase1_iters is not None:
-            return args + ["--tst-phase1-iters", self.phase1_iters]
-        return args + ["--tst-phase1-fraction", self.phase1_fraction]
-
-
-@dataclass(kw_only=True)
 class ParallelLayout:
     """How the model and batch are split over `num_gpus` processes (one per GPU)."""
 
@@ -226,7 +205,7 @@ class ParallelLayout:
 
 @dataclass(kw_only=True)
 class Precision:
-    """A named precision preset (conf/precision.yaml) and the Megatron arguments it maps to."""
+    """A named precision preset (nemo_tst/conf/precision.yaml) and the Megatron arguments it maps to."""
 
     name: str = "bf16"
     args: list = field(default_factory=lambda: ["--bf16"])
@@ -266,6 +245,7 @@ class TSTRecipe:
     model: ModelShape
     training: TrainingSchedule
     tst: TSTSettings
+    """The TST settings (`nemo_tst.core.settings`), every one of them settable as tst.FIELD."""
     parallel: ParallelLayout = field(default_factory=ParallelLayout)
     precision: Precision = field(default_factory=Precision)
     data: DataPaths = field(default_factory=DataPaths)
@@ -279,9 +259,11 @@ class TSTRecipe:
     """More Megatron-LM arguments, appended last."""
 
     def megatron_args(self) -> list[str]:
+        from nemo_tst.training.arguments import settings_argv
+
         args = [
             *self.model.megatron_args(), *self.training.megatron_args(),
-            *self.parallel.megatron_args(self.model.num_layers), *self.tst.megatron_args(),
+            *self.parallel.megatron_args(self.model.num_layers), *settings_argv(self.tst),
             "--ckpt-format", "torch_dist",
             "--attention-dropout", 0.0, "--hidden-dropout", 0.0,
             "--num-workers", 0 if self.cpu else self.data.num_workers,  # no workers on CPU

@@ -8,10 +8,10 @@ stage 1, which Slurm turns into `--dependency=afterok:<phase-1 job>` and the loc
 executors into running them in order. Each stage is `torchrun ... -m
 nemo_tst.training.pretrain <recipe's Megatron arguments> --tst-phase k` on every node; the
 arguments of both stages are fixed at submission (`driver.phase_argv`), each rank works out at
-start where its phase resumes (`driver.resolve_phase_start`), and a stage whose phase is already
+start where its phase resumes (`nemo_tst.core.run_dir`), and a stage whose phase is already
 complete exits at once, so resubmitting the same experiment resumes the run. A recipe with
 `tst.bag_size=1` (a baseline) has no superposition phase: one stage, phase 2, trains all N
-iterations, as `nemo-tst pretrain` does (`driver.run_phases`).
+iterations, as `nemo-tst pretrain` does (`nemo_tst.core.plan.run_phases`).
 
 Executors (`run.executor=NAME`, their fields as `run.executor.FIELD=...`): `local` (torchrun on this
 machine, GPUs or CPU ranks), `slurm` (sbatch with a container image and mounts, over a local or
@@ -26,10 +26,10 @@ from typing import Optional
 
 import nemo_run as run
 
+from nemo_tst.core.plan import TSTPlan, run_phases
 from nemo_tst.recipes import catalog
 from nemo_tst.recipes.config import TSTRecipe
 from nemo_tst.recipes.plan import check_recipe
-from nemo_tst.training.arguments import TSTPlan
 
 __all__ = [
     "add_phases", "docker_executor", "local_executor", "phase_tasks", "pretrain", "recipe_config",
@@ -42,7 +42,7 @@ PHASE_ENV = {"CUDA_DEVICE_MAX_CONNECTIONS": "1", "PYTHONUNBUFFERED": "1"}
 def phase_tasks(recipe: TSTRecipe, plan: TSTPlan) -> list[tuple[int, run.Script]]:
     """[(1, phase-1 script), (2, phase-2 script)]: each rank's command for each phase (only
     phase 2, the whole run, at s = 1); `plan` is what `check_recipe(recipe, ...)` returned."""
-    from nemo_tst.training.driver import phase_argv, run_phases
+    from nemo_tst.training.driver import phase_argv
 
     if not recipe.run_dir:
         raise ValueError("recipe.run_dir is not set: recipe.run_dir=/path/to/checkpoints")
@@ -132,11 +132,12 @@ def _recipe_factory(name: str):
         return run.Partial(pretrain, recipe=recipe_config(name, gpus=gpus, precision=precision))
 
     factory.__name__ = factory.__qualname__ = name
-    factory.__doc__ = (f"Recipe {name} (conf/recipes/{name}.yaml): `gpus` picks its parallel "
-                       "preset, `precision` one of conf/precision.yaml.")
+    factory.__doc__ = (f"Recipe {name} (nemo_tst/conf/recipes/{name}.yaml): `gpus` picks its "
+                       "parallel preset, `precision` one of nemo_tst/conf/precision.yaml.")
     return run.cli.factory(factory, target=pretrain, name=name)
 
 
+# Never silently empty: recipe_names() raises FileNotFoundError when the package lacks its recipes.
 RECIPE_FACTORIES = {name: _recipe_factory(name) for name in catalog.recipe_names()}
 
 
@@ -199,7 +200,7 @@ def check_run_arguments(argv: list[str]) -> None:
             name = re.match(r"^\s*([\w.]+)", value)
             if not name or name.group(1) not in RECIPE_FACTORIES:
                 raise ValueError(f"unknown recipe {value!r} for --factory; choose one of "
-                                 f"{sorted(RECIPE_FACTORIES)} (conf/recipes/)")
+                                 f"{sorted(RECIPE_FACTORIES)} (nemo_tst/conf/recipes/)")
         elif arg.startswith("recipe.") and "=" in arg:
             catalog.resolve_override_key(arg.split("=", 1)[0])
     if not any(a in ("--factory", "-f") or a.startswith("--factory=") for a in argv) and not any(

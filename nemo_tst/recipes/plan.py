@@ -31,7 +31,7 @@ def check_recipe(recipe: TSTRecipe, *, local: bool):
     checked where the job runs: data and tokenizer on disk, Transformer Engine for FP8, the
     GPU generation for MXFP8, and the run directory (the same checks as `nemo-tst pretrain`).
     Returns (Megatron args namespace, TSTPlan). Raises ValueError naming the fix."""
-    from nemo_tst.training.arguments import plan_from_args
+    from nemo_tst.training.arguments import check_with_megatron, plan_from_args
     from nemo_tst.training.driver import check_before_launch, check_parallel_layout, parse_megatron_args
 
     if recipe.parallel.num_gpus < 1:
@@ -40,6 +40,8 @@ def check_recipe(recipe: TSTRecipe, *, local: bool):
     args = parse_megatron_args(argv)
     plan = plan_from_args(args)
     check_parallel_layout(args, recipe.parallel.num_gpus)
+    if not local:
+        check_with_megatron(args, recipe.parallel.num_gpus)  # (check_before_launch does it too)
     if local:
         if not recipe.run_dir:
             raise ValueError("run_dir is not set: run_dir=/path/to/checkpoints (phase 1 and 2 "

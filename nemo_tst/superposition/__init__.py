@@ -15,7 +15,9 @@ from nemo_tst.superposition.model import (
     SuperpositionModelMixin,
     TSTGPTModel,
     TSTHybridModel,
+    as_tst_model,
     set_superposition,
+    tst_module,
 )
 
 __all__ = [
@@ -25,10 +27,12 @@ __all__ = [
     "SuperpositionModelMixin",
     "TSTGPTModel",
     "TSTHybridModel",
+    "as_tst_model",
     "bag_mean_vocab_parallel_lookup",
     "make_superposition_batch",
     "multi_hot_cross_entropy",
     "num_latent_positions",
     "reduce_multi_hot_loss",
     "set_superposition",
+    "tst_module",
 ]

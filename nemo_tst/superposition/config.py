@@ -22,6 +22,30 @@ MODES = ("full", "input_only", "output_only")
 WEIGHTINGS = ("uniform", "power", "exp", "first")
 
 
+class SettingError(ValueError):
+    """A setting that cannot be: `setting` is the field it concerns.
+
+    The message is a template over setting names (`{bag_size}`, `{phase1_fraction}`, ...) and
+    `{value}`: `str()` spells the settings as the dataclass fields are called, `named(names)`
+    as an integration spells them (`--tst-bag-size`, `cfg.train.train_iters`), so one check
+    serves the Python API, the CLI and a Bridge recipe with the names each user wrote."""
+
+    def __init__(self, setting: str, template: str, **values):
+        self.setting, self.template, self.values = setting, template, values
+        super().__init__(self.named(None))
+
+    def named(self, names=None) -> str:
+        """The message with each `{name}` spelt as `names` (an object or dict) spells it."""
+
+        class Spelling(dict):
+            def __missing__(self, key):
+                if isinstance(names, dict):
+                    return names.get(key, key)
+                return getattr(names, key, key) if names is not None else key
+
+        return self.template.format_map(Spelling(self.values))
+
+
 @dataclass(frozen=True, kw_only=True)
 class SuperpositionConfig:
     bag_size: int
@@ -47,33 +71,35 @@ class SuperpositionConfig:
 
     def __post_init__(self):
         if isinstance(self.bag_size, bool) or not isinstance(self.bag_size, int):
-            raise ValueError(
-                f"bag_size (s) must be an integer >= 1, got {self.bag_size!r}; "
-                "set --tst-bag-size to a whole number such as 4"
+            raise SettingError(
+                "bag_size", "{bag_size} (s) must be an integer >= 1, got {value!r}: a whole "
+                "number such as 4", value=self.bag_size,
             )
         if self.bag_size < 1:
-            raise ValueError(
-                f"bag_size (s) must be >= 1, got {self.bag_size}; s=1 is ordinary training, "
-                "the paper uses s=6 (dense) and s=16 (MoE)"
+            raise SettingError(
+                "bag_size", "{bag_size} (s) must be >= 1, got {value}: s=1 is ordinary "
+                "training, the paper uses s=6 (dense) and s=16 (MoE)", value=self.bag_size,
             )
         if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+            raise SettingError("mode", "{mode} must be one of %s, got {value!r}" % (MODES,), value=self.mode)
         if self.target_weights is None:
             if self.weighting not in WEIGHTINGS:
-                raise ValueError(
-                    f"weighting must be one of {WEIGHTINGS} (or give target_weights), "
-                    f"got {self.weighting!r}"
+                raise SettingError(
+                    "weighting", "{weighting} must be one of %s (or give {target_weights}), got "
+                    "{value!r}" % (WEIGHTINGS,), value=self.weighting,
                 )
         else:
             weights = list(self.target_weights)
             if len(weights) != self.num_targets:
-                raise ValueError(
-                    f"target_weights has {len(weights)} entries but mode={self.mode!r} with "
-                    f"bag_size={self.bag_size} has {self.num_targets} targets per position"
+                raise SettingError(
+                    "target_weights", "{target_weights} has {value} entries but {mode}=%r with "
+                    "{bag_size}=%d has %d targets per position"
+                    % (self.mode, self.bag_size, self.num_targets), value=len(weights),
                 )
             if any((not math.isfinite(w)) or w < 0 for w in weights) or sum(weights) <= 0:
-                raise ValueError(
-                    f"target_weights must be finite, >= 0 and not all 0, got {weights}"
+                raise SettingError(
+                    "target_weights", "{target_weights} must be finite, >= 0 and not all 0, got "
+                    "{value}", value=weights,
                 )
 
     @property

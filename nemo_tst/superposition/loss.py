@@ -20,7 +20,7 @@ logits in place, which this op never does).
 With k = 1 the op equals `megatron.core.tensor_parallel.vocab_parallel_cross_entropy`.
 """
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -138,12 +138,6 @@ def multi_hot_cross_entropy(
                 "model's padded vocab size at least the tokenizer's"
             )
     return _MultiHotVocabParallelCrossEntropy.apply(logits, targets.long(), tp_group)
-
-
-def normalized_target_weights(weights: Sequence[float], device=None) -> torch.Tensor:
-    """[k] fp32 weights summing to 1."""
-    w = torch.as_tensor(list(weights), dtype=torch.float32, device=device)
-    return w / w.sum()
 
 
 def reduce_multi_hot_loss(

@@ -33,7 +33,9 @@ from nemo_tst.superposition.config import SuperpositionConfig
 from nemo_tst.superposition.embedding import SuperpositionEmbedding
 from nemo_tst.superposition.loss import multi_hot_cross_entropy
 
-__all__ = ["SuperpositionModelMixin", "TSTGPTModel", "TSTHybridModel", "set_superposition"]
+__all__ = [
+    "SuperpositionModelMixin", "TSTGPTModel", "TSTHybridModel", "as_tst_model", "set_superposition", "tst_module",
+]
 
 
 class SuperpositionModelMixin:
@@ -93,14 +95,39 @@ class TSTHybridModel(SuperpositionModelMixin, HybridModel):
         self._add_superposition()
 
 
+def as_tst_model(module):
+    """Make a built megatron-core `GPTModel` / `HybridModel` the TST class, in place (for
+    trainers that build the model themselves, e.g. Megatron-Bridge's model providers).
+
+    Only the classes change, of the model and of its embedding: no parameter is allocated or
+    renamed, so phase 1 and phase 2 have the same state dict as the vanilla model."""
+    if isinstance(module, SuperpositionModelMixin):
+        return module
+    target = {GPTModel: TSTGPTModel, HybridModel: TSTHybridModel}.get(type(module))
+    if target is None:
+        raise TypeError(
+            f"the model provider built a {type(module).__name__}; TST supports megatron-core's "
+            "GPTModel (dense or MoE) and HybridModel as built, not subclasses or other model types"
+        )
+    module.__class__ = target
+    module._add_superposition()
+    return module
+
+
+def tst_module(model) -> Optional[SuperpositionModelMixin]:
+    """The TST model inside DDP / Float16 wrappers, or None for a plain model."""
+    inner = model
+    while not isinstance(inner, SuperpositionModelMixin) and hasattr(inner, "module"):
+        inner = inner.module
+    return inner if isinstance(inner, SuperpositionModelMixin) else None
+
+
 def set_superposition(model, config: Optional[SuperpositionConfig]) -> None:
     """Set the phase on a model, a list of virtual-pipeline chunks, or DDP/Float16 wrappers."""
     chunks = model if isinstance(model, (list, tuple)) else [model]
     for chunk in chunks:
-        inner = chunk
-        while not isinstance(inner, SuperpositionModelMixin) and hasattr(inner, "module"):
-            inner = inner.module
-        if not isinstance(inner, SuperpositionModelMixin):
+        inner = tst_module(chunk)
+        if inner is None:
             raise TypeError(
                 f"{type(chunk).__name__} is not a TST model: build it with TSTGPTModel or "
                 "TSTHybridModel (nemo_tst.superposition.model)"

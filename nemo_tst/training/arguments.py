@@ -1,4 +1,4 @@
-"""`--tst-*` arguments for Megatron-LM's parser, and the two-phase plan they describe.
+"""`--tst-*` arguments for Megatron-LM's parser: to and from `TSTSettings`, and the run plan.
 
 A Megatron GPT job becomes a TST job by switching its entry point to `nemo-tst pretrain` and
 adding, at least, `--tst-bag-size`. Every other argument keeps its Megatron meaning; in
@@ -9,20 +9,25 @@ One WSD (or any) LR schedule spans the run: both phases carry the same `--train-
 schedule arguments (phase 1 stops at n1 through `--exit-interval`), so Megatron's resume check
 passes without `--override-opt-param-scheduler`.
 
-`check_plan` holds the checks of a run's numbers that every integration needs (the Megatron-LM
-arguments here, the Megatron-Bridge adapter in `nemo_tst.bridge`); each passes `SettingNames`,
-how it spells the settings, so that an error names the setting the user wrote.
+The checks every integration makes are `nemo_tst.core.plan.check_plan`'s; `plan_from_args`
+adds what only Megatron-LM's arguments can get wrong, and names settings as flags
+(`MEGATRON_NAMES`).
 """
 
 import argparse
+import contextlib
 import math
-from dataclasses import dataclass
+import os
+from pathlib import Path
 
-from nemo_tst.superposition.config import MODES, WEIGHTINGS, SuperpositionConfig
+from nemo_tst.core.plan import TSTPlan, check_plan
+from nemo_tst.core.settings import SettingError, SettingNames, TSTSettings
+from nemo_tst.superposition.config import MODES, WEIGHTINGS
 
 __all__ = [
-    "MEGATRON_NAMES", "PHASES", "SettingNames", "TSTPlan", "add_tst_arguments", "check_plan",
-    "check_runtime", "phase1_iterations", "plan_from_args",
+    "MEGATRON_NAMES", "PHASES", "add_tst_arguments", "check_runtime", "check_with_megatron", "help_text",
+    "plan_from_args",
+    "settings_argv", "settings_from_args",
 ]
 
 PHASES = ("both", "1", "2")
@@ -34,10 +39,11 @@ def add_tst_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     group.add_argument("--tst-bag-size", type=int, default=None,
                        help="s: tokens averaged into one latent position in phase 1 "
                             "(paper: 6 dense, 16 MoE). Required.")
-    group.add_argument("--tst-phase1-fraction", type=float, default=0.3,
-                       help="r: fraction of --train-iters spent in phase 1 (paper: 0.2-0.4).")
+    group.add_argument("--tst-phase1-fraction", type=float, default=None,
+                       help="r: fraction of --train-iters spent in phase 1 (paper: 0.2-0.4); "
+                            "default 0.3.")
     group.add_argument("--tst-phase1-iters", type=int, default=None,
-                       help="Phase-1 iterations, instead of --tst-phase1-fraction.")
+                       help="Phase-1 iterations, instead of --tst-phase1-fraction (not both).")
     group.add_argument("--tst-mode", choices=MODES, default="full",
                        help="full TST, or the paper's input-only / output-only ablations.")
     group.add_argument("--tst-weighting", choices=WEIGHTINGS, default="uniform",
@@ -61,74 +67,21 @@ def add_tst_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     group.add_argument("--tst-tokenizer", type=str, default=None,
                        help="Path of the tokenizer.json the data was preprocessed with "
                             "(gives the end-of-document id and the vocabulary size).")
+    group.add_argument("--tst-cpu", action="store_true",
+                       help="Run Megatron on CPU with gloo (nemo_tst/cpu.py): machines without "
+                            "a GPU, tests.")
     return parser
 
 
-@dataclass(frozen=True, kw_only=True)
-class TSTPlan:
-    """Where phase 1 ends and how a sample maps to text, for one run."""
-
-    superposition: SuperpositionConfig
-    seq_length: int
-    """L: latent positions in phase 1, tokens in phase 2."""
-    global_batch_size: int
-    train_iters: int
-    """N: iterations of both phases together."""
-    phase1_iters: int
-    """n1: the first n1 iterations are phase 1."""
-
-    @property
-    def phase1_samples(self) -> int:
-        return self.phase1_iters * self.global_batch_size
-
-    @property
-    def phase2_iters(self) -> int:
-        return self.train_iters - self.phase1_iters
-
-    def phase_of_iteration(self, iteration: int) -> int:
-        """1 or 2 for the iteration about to run (0-based count of finished iterations)."""
-        return 1 if iteration < self.phase1_iters else 2
-
-    def text_tokens_after(self, iterations: int) -> int:
-        """Text tokens the first `iterations` iterations trained on (inputs, not targets)."""
-        L, B = self.seq_length, self.global_batch_size
-        per_phase1_step = B * self.superposition.text_tokens_per_sample(L)
-        phase1 = min(iterations, self.phase1_iters)
-        return phase1 * per_phase1_step + max(iterations - self.phase1_iters, 0) * B * L
-
-    def baseline_text_tokens(self) -> int:
-        """Text an ordinary run of the same N, L and batch trains on (equal FLOPs)."""
-        return self.train_iters * self.global_batch_size * self.seq_length
-
-
-def phase1_iterations(train_iters: int, *, fraction: float, iters: int | None = None) -> int:
-    """n1: `iters` when given, else r·N rounded to the nearest iteration (every integration
-    uses this, so a recipe gives the same phase boundary through each)."""
-    return iters if iters is not None else int(round(fraction * train_iters))
-
-
-@dataclass(frozen=True, kw_only=True)
-class SettingNames:
-    """How an integration spells the settings `check_plan` names in its errors."""
-
-    train_iters: str
-    phase1_iters: str
-    phase1_fraction: str
-    bag_size: str
-    seq_length: str
-    tensor_parallel: str
-    sequence_parallel: str
-    context_parallel: str
-    decay_iters: str
-    wsd_decay_iters: str
-    mtp_num_layers: str
-
-
 MEGATRON_NAMES = SettingNames(
-    train_iters="--train-iters",
-    phase1_iters="--tst-phase1-iters",
-    phase1_fraction="--tst-phase1-fraction",
     bag_size="--tst-bag-size",
+    phase1_fraction="--tst-phase1-fraction",
+    phase1_iters="--tst-phase1-iters",
+    mode="--tst-mode",
+    weighting="--tst-weighting",
+    target_weights="--tst-target-weights",
+    mask_cross_document_targets="--tst-mask-cross-document-targets",
+    train_iters="--train-iters",
     seq_length="--seq-length",
     tensor_parallel="--tensor-model-parallel-size",
     sequence_parallel="--sequence-parallel",
@@ -136,78 +89,41 @@ MEGATRON_NAMES = SettingNames(
     decay_iters="--lr-decay-iters",
     wsd_decay_iters="--lr-wsd-decay-iters",
     mtp_num_layers="--mtp-num-layers",
+    run_dir="--save",
 )
 
 
-def check_plan(
-    names: SettingNames,
-    *,
-    train_iters: int,
-    phase1_iters: int,
-    phase1_fraction: float | None,
-    bag_size: int,
-    seq_length: int,
-    tensor_parallel: int = 1,
-    sequence_parallel: bool = False,
-    context_parallel: int = 1,
-    mtp_num_layers: int | None = None,
-    wsd_anneal: tuple[int, int] | None = None,
-    wsd_note: str = "",
-) -> None:
-    """The checks of a run's numbers that do not depend on the trainer. Raises ValueError
-    naming the setting (as `names` spells it) and the fix.
+def settings_from_args(args: argparse.Namespace) -> TSTSettings:
+    """The `TSTSettings` the `--tst-*` arguments ask for; a bad value names its flag."""
+    if args.tst_bag_size is None:
+        raise ValueError("--tst-bag-size is required (s, e.g. 4; s=1 is ordinary training)")
+    try:
+        return TSTSettings(
+            bag_size=args.tst_bag_size,
+            phase1_fraction=args.tst_phase1_fraction,
+            phase1_iters=args.tst_phase1_iters,
+            mode=args.tst_mode,
+            weighting=args.tst_weighting,
+            target_weights=args.tst_target_weights,
+            mask_cross_document_targets=args.tst_mask_cross_document_targets,
+        )
+    except SettingError as err:
+        raise ValueError(err.named(MEGATRON_NAMES)) from None
 
-    phase1_fraction: None when n1 was given explicitly. wsd_anneal: (decay length, annealing
-    length) in iterations for a WSD schedule, else None; the annealing starts at their
-    difference and must not start inside phase 1 (the paper anneals over the last 10%).
-    """
-    N, n1, L = train_iters, phase1_iters, seq_length
-    if not 1 <= n1 <= N - 1:
-        if phase1_fraction is None:
-            raise ValueError(
-                f"{names.phase1_iters}={n1} must be between 1 and {names.train_iters} - 1 = "
-                f"{N - 1}; phase 1 of 0 or all steps leaves no superposition or no recovery"
-            )
-        raise ValueError(
-            f"{names.phase1_fraction}={phase1_fraction} of {names.train_iters}={N} gives {n1} "
-            f"phase-1 iterations; it must give between 1 and {N - 1}: raise "
-            f"{names.train_iters}, change {names.phase1_fraction}, or give {names.phase1_iters}"
-        )
-    if mtp_num_layers and bag_size > 1:
-        raise ValueError(
-            f"{names.mtp_num_layers}={mtp_num_layers}: multi-token prediction re-embeds shifted "
-            f"token ids and cannot run in the superposition phase; unset {names.mtp_num_layers} "
-            f"for the TST run, or use {names.bag_size}=1"
-        )
-    tp, cp = tensor_parallel or 1, context_parallel or 1
-    if sequence_parallel and tp > 1 and L % tp:
-        raise ValueError(
-            f"{names.seq_length}={L} (latent positions) must be divisible by "
-            f"{names.tensor_parallel}={tp} under {names.sequence_parallel}: sequence parallel "
-            f"splits the L latent positions over the tensor-parallel ranks; pick "
-            f"{names.seq_length} a multiple of {tp} or turn sequence parallel off"
-        )
-    if cp > 1 and L % (2 * cp):
-        raise ValueError(
-            f"{names.seq_length}={L} must be divisible by 2 x {names.context_parallel} = "
-            f"{2 * cp}: context parallel splits the latent positions into 2*cp chunks so that "
-            f"no bag is cut; pick {names.seq_length} a multiple of {2 * cp}"
-        )
-    if wsd_anneal is not None:
-        decay, anneal = wsd_anneal
-        if decay <= n1:
-            raise ValueError(
-                f"{names.decay_iters}={decay} ends the LR decay inside phase 1 (iterations "
-                f"0..{n1}): one WSD schedule spans both phases; set {names.decay_iters} to "
-                f"{names.train_iters} ({N}) or leave it unset"
-            )
-        if decay - anneal < n1:
-            raise ValueError(
-                f"{names.wsd_decay_iters}={anneal}{wsd_note} starts the WSD annealing at "
-                f"iteration {decay - anneal} of a {decay}-iteration decay, inside phase 1 "
-                f"(iterations 0..{n1}); set {names.wsd_decay_iters} to at most {decay - n1} "
-                f"(the paper anneals over the last 10% of all steps, e.g. {max(1, N // 10)})"
-            )
+
+def settings_argv(settings: TSTSettings) -> list[str]:
+    """The `--tst-*` arguments that ask for `settings` (`settings_from_args` reads them back)."""
+    argv = ["--tst-bag-size", settings.bag_size, "--tst-mode", settings.mode,
+            "--tst-weighting", settings.weighting]
+    if settings.phase1_iters is not None:
+        argv += ["--tst-phase1-iters", settings.phase1_iters]
+    else:
+        argv += ["--tst-phase1-fraction", settings.phase1_fraction]  # set: see TSTSettings
+    if settings.target_weights is not None:
+        argv += ["--tst-target-weights", *settings.target_weights]
+    if settings.mask_cross_document_targets:
+        argv += ["--tst-mask-cross-document-targets"]
+    return [str(a) for a in argv]
 
 
 def plan_from_args(args: argparse.Namespace) -> TSTPlan:
@@ -215,18 +131,7 @@ def plan_from_args(args: argparse.Namespace) -> TSTPlan:
 
     Raises ValueError naming the setting and the fix, before any model or data is built.
     """
-    if args.tst_bag_size is None:
-        raise ValueError("--tst-bag-size is required (s, e.g. 4; s=1 is ordinary training)")
-    try:
-        superposition = SuperpositionConfig(
-            bag_size=args.tst_bag_size,
-            mode=args.tst_mode,
-            weighting=args.tst_weighting,
-            target_weights=args.tst_target_weights,
-            mask_cross_document_targets=args.tst_mask_cross_document_targets,
-        )
-    except ValueError as err:
-        raise ValueError(f"--tst-bag-size / --tst-target-weights: {err}") from None
+    settings = settings_from_args(args)
     if not args.train_iters:
         raise ValueError(
             "TST plans in iterations: set --train-iters (sample-based --train-samples is not "
@@ -238,16 +143,17 @@ def plan_from_args(args: argparse.Namespace) -> TSTPlan:
             "samples of a fixed global batch; remove it"
         )
     N = args.train_iters
-    if args.tst_phase1_iters is not None:
-        n1, r = args.tst_phase1_iters, None
-    else:
-        r = args.tst_phase1_fraction
-        if not (isinstance(r, float) and math.isfinite(r) and 0.0 < r < 1.0):
-            raise ValueError(
-                f"--tst-phase1-fraction={r} must lie strictly between 0 and 1 (paper: 0.2-0.4)"
-            )
-        n1 = phase1_iterations(N, fraction=r)
-
+    for flag, value in (("--lr", args.lr), ("--min-lr", args.min_lr)):
+        if value is not None and not (math.isfinite(value) and value >= 0 and (flag == "--min-lr" or value > 0)):
+            raise ValueError(f"{flag}={value} must be a finite number {'> 0' if flag == '--lr' else '>= 0'}")
+    if args.lr is not None and args.min_lr is not None and args.min_lr > args.lr:
+        raise ValueError(f"--min-lr={args.min_lr} is above --lr={args.lr}: the schedule decays from "
+                         "--lr down to --min-lr; lower --min-lr")
+    for flag, value in (("--train-iters", N), ("--seq-length", args.seq_length),
+                        ("--global-batch-size", args.global_batch_size),
+                        ("--micro-batch-size", args.micro_batch_size)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag}={value} must be at least 1")
     decay = args.lr_decay_iters or N  # Megatron's default decay length
     if args.lr_warmup_iters and args.lr_warmup_iters >= decay:
         raise ValueError(
@@ -266,13 +172,12 @@ def plan_from_args(args: argparse.Namespace) -> TSTPlan:
         wsd_anneal = (decay, anneal)
     L = args.seq_length
     tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
-    check_plan(
+    plan = check_plan(
         MEGATRON_NAMES,
+        settings,
         train_iters=N,
-        phase1_iters=n1,
-        phase1_fraction=r,
-        bag_size=superposition.bag_size,
         seq_length=L,
+        global_batch_size=args.global_batch_size,
         tensor_parallel=tp,
         sequence_parallel=args.sequence_parallel,
         context_parallel=cp,
@@ -292,13 +197,7 @@ def plan_from_args(args: argparse.Namespace) -> TSTPlan:
                 f"--micro-batch-size {args.micro_batch_size}) to be a multiple of {multiple}: "
                 "pick --seq-length or --micro-batch-size accordingly"
             )
-    return TSTPlan(
-        superposition=superposition,
-        seq_length=L,
-        global_batch_size=args.global_batch_size,
-        train_iters=N,
-        phase1_iters=n1,
-    )
+    return plan
 
 
 def check_runtime(args: argparse.Namespace) -> None:
@@ -325,3 +224,95 @@ def check_runtime(args: argparse.Namespace) -> None:
             "NeMo or PyTorch container (docker/), install nemo-tst[te], or use bf16 with "
             "--transformer-impl local (recipes: precision=bf16 transformer_impl=local)"
         )
+    if not getattr(args, "tst_cpu", False) and not torch.cuda.is_available():
+        raise ValueError(
+            "this machine has no CUDA GPU, which Megatron-LM needs unless it runs on CPU: add "
+            "--tst-cpu (gloo, plain PyTorch layers: slow, for tests and demos; recipes: cpu=true), "
+            "or run where a GPU is"
+        )
+
+
+def check_with_megatron(args: argparse.Namespace, world_size: int) -> None:
+    """Megatron-LM's own `validate_args`, run here on a copy, before any launch: whatever
+    Megatron would refuse inside every rank (a NaN or negative LR, --min-lr above --lr, a
+    zero micro-batch, ...) is refused now, with the rule Megatron checks. Its notices go
+    nowhere. Without CUDA on this machine (the job may run elsewhere), the one question
+    validation asks of the GPU, its architecture, is answered "none" (0)."""
+    import contextlib
+    import copy
+    import io
+    import traceback
+    import warnings
+
+    import torch
+    from megatron.training import arguments as megatron_arguments
+
+    trial = copy.deepcopy(args)
+    trial.rank, trial.world_size = 0, world_size
+    stub = contextlib.nullcontext()
+    if not torch.cuda.is_available():
+        stub = _replaced(megatron_arguments, "get_device_arch_version", lambda: 0)
+    # What the driver's launches set for every rank (Megatron checks it under TP or CP).
+    environment = _replaced(os, "environ", dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1"))
+    try:
+        with stub, environment, contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            megatron_arguments.validate_args(trial, {})
+    except (AssertionError, ValueError, TypeError, RuntimeError) as err:
+        frames = traceback.extract_tb(err.__traceback__)
+        rule = str(err).strip() or (frames[-1].line or "").strip().removeprefix("assert ")
+        where = f" ({Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+        raise ValueError(
+            f"Megatron-LM refuses these arguments: {_as_flags(rule)}{where}; change the argument "
+            "it names"
+        ) from None
+
+
+@contextlib.contextmanager
+def _replaced(module, name: str, value):
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
+
+
+def _as_flags(text: str) -> str:
+    """`args.min_lr <= args.lr` -> `--min-lr <= --lr`: Megatron's rule in the user's spelling."""
+    import re
+
+    return re.sub(r"\bargs\.([a-z0-9_]+)", lambda m: "--" + m.group(1).replace("_", "-"), text)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults; prints a help string as written when it is not a valid %-template
+    (one of Megatron-LM's holds a bare `%`, which crashes argparse's own help)."""
+
+    def _expand_help(self, action):
+        try:
+            return super()._expand_help(action)
+        except (ValueError, TypeError, KeyError):
+            return self._get_help_string(action)
+
+
+def help_text(prog: str, *, megatron: bool, launcher_options=None) -> str:
+    """The help of `nemo-tst pretrain`: its own and the --tst-* options with their defaults
+    (and, with `megatron`, every Megatron-LM option too). `launcher_options(parser)` adds the
+    caller's own options."""
+    parser = argparse.ArgumentParser(
+        prog=prog, formatter_class=_HelpFormatter, allow_abbrev=False,
+        description="Two-phase TST pretraining with Megatron-LM's trainer: phase 1 trains on bags of "
+        "s tokens for the first r of --train-iters, phase 2 is ordinary next-token training "
+        "resumed from it. Every argument not listed here is a Megatron-LM GPT argument, with "
+        "its Megatron meaning (--seq-length is L, the latent positions of phase 1).",
+        epilog=None if megatron else f"Megatron-LM's own arguments: {prog} --megatron-help",
+    )
+    if launcher_options is not None:
+        launcher_options(parser)
+    if megatron:
+        from megatron.training.arguments import add_megatron_arguments
+
+        add_megatron_arguments(parser)
+    add_tst_arguments(parser)
+    return parser.format_help()

@@ -1,22 +1,10 @@
-"""The two-phase run: plan, hand off, resume. `nemo-tst pretrain` calls `run`.
+"""The two-phase run on Megatron-LM's trainer: check, launch, hand off, resume.
+`nemo-tst pretrain` calls `run`.
 
-Checkpoint layout under Megatron's `--save DIR` (each a Megatron checkpoint directory):
-
-    DIR/tst_run.json   the plan and model shape this directory belongs to
-    DIR/phase1/        phase 1 saves here; it ends with the checkpoint of iteration n1
-    DIR/phase2/        phase 2 loads DIR/phase1 the first time, then itself; saves here
-    DIR/train.log      the trainer's full output, when no --log-file is given
-
-So phase 2 never writes into phase 1's directory: the handoff checkpoint is never overwritten
-or deleted. Megatron writes `latest_checkpointed_iteration.txt` only after a checkpoint is
-complete, so an interrupted save is never taken as the latest one.
-
-With s = 1 (`--tst-bag-size 1`, the baseline) there is no superposition phase: the run is one
-launch of ordinary training, iterations 1..N, saved in and resumed from DIR/phase2 like a plain
-Megatron run (`--tst-phase 2` or `both`; `--tst-phase 1` has nothing to do and says so). A
-directory from the earlier two-launch layout (a phase-1 checkpoint, no phase 2 yet) resumes
-from its phase-1 checkpoint in that one launch. The training is the same either way: at s = 1
-both phases are ordinary next-token steps over the same samples.
+The run directory is Megatron's `--save DIR`, laid out as `nemo_tst.core.run_dir` says
+(DIR/tst_run.json, DIR/phase1, DIR/phase2); the trainer's full output goes to DIR/train.log
+when no --log-file is given. With s = 1 (the baseline) the run is one launch of ordinary
+training, iterations 1..N, saved in and resumed from DIR/phase2 like a plain Megatron run.
 
 The same command resumes anywhere: a phase whose directory already holds its final iteration
 is skipped, an unfinished one continues from its latest checkpoint (Megatron restores weights,
@@ -29,35 +17,45 @@ run too): through torchrun for several processes, directly with torchrun's envir
 """
 
 import argparse
-import json
 import logging
 import os
 import re
 import subprocess
 import sys
 import threading
-from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
-# torch warns, once megatron.core imports its extension loader, that no CUDA runtime exists: on
-# a CPU machine that is the point, and on a GPU machine it is not said.
-logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+from nemo_tst.training.logs import quiet_cuda_runtime_notice
 
-from nemo_tst.training.arguments import TSTPlan, add_tst_arguments, check_runtime, plan_from_args
+quiet_cuda_runtime_notice()  # before megatron.core is imported (see its docstring)
+
+from nemo_tst.core import run_dir
+from nemo_tst.core.data import corpus_shortfall, item_sequence_length
+from nemo_tst.core.plan import TSTPlan, run_phases
+from nemo_tst.core.run_dir import latest_iteration
+from nemo_tst.training.arguments import (
+    MEGATRON_NAMES,
+    add_tst_arguments,
+    check_runtime,
+    check_with_megatron,
+    plan_from_args,
+)
 
 __all__ = [
-    "check_before_launch", "count_tokens", "latest_iteration", "parse_megatron_args", "phase_argv", "phase_commands",
-    "resolve_phase_start", "run", "run_phases",
+    "check_before_launch", "check_corpus_budget", "claim_run_directory", "count_tokens",
+    "last_value", "parse_megatron_args", "phase_argv", "phase_commands", "resolve_phase_start",
+    "run", "without_options",
 ]
 
-TRACKER = "latest_checkpointed_iteration.txt"
+logger = logging.getLogger(__name__)
 
-# Arguments that fix what a checkpoint directory holds: a rerun must agree on all of them.
-RUN_IDENTITY = (
+# Megatron arguments that fix what a checkpoint directory holds, besides the TST settings
+# (`run_dir.settings_identity`): a rerun must agree on all of them.
+MODEL_IDENTITY = (
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
     "num_experts", "seq_length", "global_batch_size", "train_iters", "vocab_size",
-    "position_embedding_type", "tst_bag_size", "tst_mode", "tst_weighting", "seed",
+    "position_embedding_type", "seed",
 )
 
 
@@ -73,63 +71,34 @@ def parse_megatron_args(argv: list[str]) -> argparse.Namespace:
     Safe to call from several threads (the demo plans its runs side by side)."""
     from megatron.training.arguments import parse_args
 
+    from nemo_tst.errors import UsageError
+
+    def refuse(parser, message):  # one line, not Megatron's 4,000-line usage text
+        raise UsageError(f"{message} (nemo-tst pretrain --help lists the --tst-* arguments, "
+                         "--megatron-help Megatron-LM's)")
+
     with _ARGV_LOCK:
-        saved = sys.argv
-        sys.argv = ["nemo-tst"] + [a for a in argv if a != "--tst-cpu"]
+        saved, saved_error = sys.argv, argparse.ArgumentParser.error
+        sys.argv = ["nemo-tst", *argv]
+        argparse.ArgumentParser.error = refuse
         try:
             return parse_args(extra_args_provider=add_tst_arguments)
         finally:
-            sys.argv = saved
+            sys.argv, argparse.ArgumentParser.error = saved, saved_error
 
 
-def run_phases(plan: TSTPlan) -> tuple[int, ...]:
-    """The phases a run launches: (1, 2), or (2,) at s = 1, where there is no superposition
-    phase and "phase 2" is the whole run, iterations 1..N, in one launch."""
-    return (2,) if plan.superposition.bag_size == 1 else (1, 2)
-
-
-def latest_iteration(checkpoint_dir: Path) -> Optional[int]:
-    """The iteration of the last complete checkpoint in a Megatron save directory."""
-    tracker = checkpoint_dir / TRACKER
-    if not tracker.is_file():
-        return None
-    text = tracker.read_text().strip()
-    return 0 if text == "release" else int(text)
-
-
-def _identity(args, plan: TSTPlan) -> dict:
-    ident = {k: getattr(args, k, None) for k in RUN_IDENTITY}
-    ident["phase1_iters"] = plan.phase1_iters
-    return ident
+def run_identity(args, plan: TSTPlan) -> dict:
+    """What fixes the contents of a run directory: the model shape, batch, steps and seed, and
+    every TST setting."""
+    return {k: getattr(args, k, None) for k in MODEL_IDENTITY} | run_dir.settings_identity(plan.settings, plan)
 
 
 def claim_run_directory(save: Path, args, plan: TSTPlan) -> None:
-    """Record the run in DIR/tst_run.json, or refuse a directory that holds another run."""
-    manifest = save / "tst_run.json"
-    ident = _identity(args, plan)
-    if manifest.is_file():
-        previous = json.loads(manifest.read_text())["identity"]
-        diff = {k: (previous.get(k), v) for k, v in ident.items() if previous.get(k) != v}
-        if diff:
-            details = ", ".join(f"{k}: {a!r} there vs {b!r} now" for k, (a, b) in diff.items())
-            raise ValueError(
-                f"--save {save} holds a different TST run ({details}); choose a new --save "
-                "directory, or rerun with the original settings to resume it"
-            )
-        return
-    if save.exists() and any(save.iterdir()):
-        raise ValueError(
-            f"--save {save} is not empty and holds no tst_run.json: it is not a TST run "
-            "directory; choose a new or empty --save directory"
-        )
-    save.mkdir(parents=True, exist_ok=True)
-    manifest.write_text(
-        json.dumps({"identity": ident, "plan": asdict(plan) | {"superposition": asdict(plan.superposition)}},
-                   indent=2, default=str)
-    )
+    """Record the run in SAVE/tst_run.json, or refuse a directory that holds another run."""
+    run_dir.claim_run_directory(save, run_identity(args, plan), plan, MEGATRON_NAMES)
 
 
-def _without(argv: list[str], *options: str) -> list[str]:
+def without_options(argv: list[str], *options: str) -> list[str]:
     """argv minus the given options and their single values."""
     out, skip = [], False
     for a in argv:
@@ -144,40 +113,25 @@ def _without(argv: list[str], *options: str) -> list[str]:
     return out
 
 
+def last_value(argv: list[str], option: str) -> Optional[str]:
+    """The value of the last `option` in argv (`--opt V` or `--opt=V`, argparse's rule), or None."""
+    found = None
+    for i, a in enumerate(argv):
+        if a == option and i + 1 < len(argv):
+            found = argv[i + 1]
+        elif a.startswith(option + "="):
+            found = a.split("=", 1)[1]
+    return found
+
+
 def phase_commands(argv: list[str], args, plan: TSTPlan) -> list[tuple[int, list[str]]]:
-    """[(phase, extra Megatron argv)] still to run, judged from the checkpoints on disk.
+    """[(phase, per-rank argv)] still to run, judged from the checkpoints on disk.
 
     At s = 1 that is at most one launch, (2, ...), for all N iterations (`run_phases`)."""
     save = Path(args.save)
-    p1_dir, p2_dir = save / "phase1", save / "phase2"
-    N, n1 = plan.train_iters, plan.phase1_iters
-    p1_done, p2_done = latest_iteration(p1_dir), latest_iteration(p2_dir)
-    for where, it in ((p1_dir, p1_done), (p2_dir, p2_done)):
-        if it is not None and it > N:
-            raise ValueError(
-                f"{where} holds a checkpoint of iteration {it}, past the plan's end "
-                f"(--train-iters {N}); it belongs to another plan: choose a new --save"
-            )
-    if p1_done is not None and p1_done > n1:
-        raise ValueError(
-            f"{p1_dir} holds iteration {p1_done} but phase 1 ends at {n1}: the phase-1 "
-            "length changed since this run started; rerun with the original "
-            "--tst-phase1-fraction/--tst-phase1-iters"
-        )
     wanted = {"both": (1, 2), "1": (1,), "2": (2,)}[args.tst_phase]
-    wanted = tuple(p for p in wanted if p in run_phases(plan))
-    commands = []
-    if 1 in wanted and p2_done is None and (p1_done or 0) < n1:
-        commands.append((1, phase_argv(argv, 1, save, n1)))
-    if 2 in wanted and (p2_done or 0) < N:
-        if 1 not in wanted and 1 in run_phases(plan) and p2_done is None and p1_done != n1:
-            raise ValueError(
-                f"phase 2 needs phase 1's checkpoint of iteration {n1} in {p1_dir}, found "
-                f"{'none' if p1_done is None else f'iteration {p1_done}'}; run phase 1 first "
-                "(--tst-phase 1) or both (--tst-phase both)"
-            )
-        commands.append((2, phase_argv(argv, 2, save, n1)))
-    return commands
+    todo = run_dir.phases_to_run(save, plan, MEGATRON_NAMES, wanted)
+    return [(phase, phase_argv(argv, phase, save, plan.phase1_iters)) for phase in todo]
 
 
 def phase_argv(argv: list[str], phase: int, save: Path, phase1_iters: int) -> list[str]:
@@ -191,7 +145,7 @@ def phase_argv(argv: list[str], phase: int, save: Path, phase1_iters: int) -> li
     disk, so a scheduler can submit both phases at once.
     """
     p1_dir, p2_dir = save / "phase1", save / "phase2"
-    base = _without(argv, "--save", "--load", "--tst-phase", "--exit-interval", "--tst-phase1-checkpoint")
+    base = without_options(argv, "--save", "--load", "--tst-phase", "--exit-interval", "--tst-phase1-checkpoint")
     if phase == 1:
         return base + ["--tst-phase", "1", "--save", str(p1_dir), "--load", str(p1_dir),
                        "--exit-interval", str(phase1_iters)]
@@ -202,38 +156,28 @@ def phase_argv(argv: list[str], phase: int, save: Path, phase1_iters: int) -> li
 def resolve_phase_start(args, plan: TSTPlan) -> Optional[str]:
     """On each rank, before Megatron loads: where this phase starts, or why it has nothing to do.
 
-    Sets `args.load` to SAVE/phase1 for phase 2's first start. Returns a message (and the rank
-    should exit 0) when the phase is already complete, or is phase 1 of an s = 1 run (which
-    has none); raises ValueError when phase 2 (s > 1) has neither its own checkpoint nor phase
-    1's final one. At s = 1 phase 2 is the whole run: without a checkpoint of its own it starts
-    from iteration 0, or from SAVE/phase1's latest checkpoint if an earlier two-launch run left
-    one there."""
-    n1, N = plan.phase1_iters, plan.train_iters
-    single = 1 not in run_phases(plan)
-    if args.tst_phase == "1":
-        if single:
-            return NO_PHASE1_AT_S1
-        done = latest_iteration(Path(args.load)) if args.load else None
-        if done is not None and done >= n1:
-            return f"phase 1 is complete (iteration {done} in {args.load}); nothing to do"
-        return None
-    handoff = getattr(args, "tst_phase1_checkpoint", None)
-    own = latest_iteration(Path(args.load)) if args.load else None
-    if own is not None:
-        return f"phase 2 is complete (iteration {own} in {args.load}); nothing to do" if own >= N else None
-    if handoff is None:
-        return None  # the caller passed --load itself (nemo-tst pretrain does this)
-    got = latest_iteration(Path(handoff))
-    if single:
-        if got is not None:
-            args.load = handoff  # the two-launch layout's phase 1: the same training, resumed
-        return None
-    if got != n1:
+    Sets `args.load` for the phase (`run_dir.phase_start`: its own directory, or phase 1's
+    handoff for phase 2's first start). Returns a message (and the rank should exit 0) when
+    the phase is already complete, or is phase 1 of an s = 1 run (which has none); raises
+    ValueError when phase 2 (s > 1) has neither its own checkpoint nor phase 1's final one."""
+    phase = int(args.tst_phase)
+    if phase == 1 and 1 not in run_phases(plan):
+        return NO_PHASE1_AT_S1
+    own = Path(args.load) if args.load else None
+    if own is None:
+        return None  # nothing to resume from: Megatron starts at iteration 0
+    handoff = getattr(args, "tst_phase1_checkpoint", None) if phase == 2 else None
+    load, nothing_to_do = run_dir.phase_start(plan, phase, own, Path(handoff) if handoff else None)
+    if nothing_to_do:
+        return nothing_to_do
+    _, damaged = run_dir.usable_checkpoint(load)
+    if damaged:  # ranks do not repair (they run at once): the driver does, before it launches
         raise ValueError(
-            f"phase 2 starts from phase 1's checkpoint of iteration {n1} in {handoff}, found "
-            f"{'none' if got is None else f'iteration {got}'}: run phase 1 to its end first"
+            f"the latest checkpoint in {load} is damaged ({'; '.join(damaged)}): run `nemo-tst "
+            "pretrain` once with this run's arguments (it falls back to the newest complete "
+            "checkpoint, keeping the damaged files), then resubmit"
         )
-    args.load = handoff
+    args.load = str(load)
     return None
 
 
@@ -275,9 +219,11 @@ def check_data_and_tokenizer(args, plan: TSTPlan) -> None:
                          "preprocessed with (nemo-tst preprocess writes one)")
     if not Path(args.tst_tokenizer).is_file():
         raise ValueError(f"--tst-tokenizer {args.tst_tokenizer} does not exist")
+    from nemo_tst.data.provenance import SIDECAR, index_problem, read_provenance
     from nemo_tst.data.tokenizer import HFTokenizer
 
-    vocab = HFTokenizer.from_file(args.tst_tokenizer).vocab_size
+    tokenizer = HFTokenizer.from_file(args.tst_tokenizer)
+    vocab = tokenizer.vocab_size
     model_vocab = args.padded_vocab_size or args.vocab_size
     if model_vocab is not None and vocab > model_vocab:
         raise ValueError(
@@ -294,8 +240,25 @@ def check_data_and_tokenizer(args, plan: TSTPlan) -> None:
             if not Path(prefix + suffix).is_file():
                 raise ValueError(f"data prefix {prefix}: {prefix + suffix} does not exist; "
                                  "run nemo-tst preprocess or fix the path")
-
-    from nemo_tst.training.data import check_corpus_budget, item_sequence_length
+        problem = index_problem(prefix)
+        if problem:
+            raise ValueError(f"data prefix {prefix}: {problem}; rerun nemo-tst preprocess for it")
+        made_by = read_provenance(prefix)
+        if made_by is None:
+            continue  # not written by nemo-tst preprocess: nothing recorded to check against
+        if made_by.get("tokenizer_sha256") != tokenizer.fingerprint():
+            raise ValueError(
+                f"the data {prefix} was preprocessed with another tokenizer "
+                f"({made_by.get('tokenizer') or 'recorded in ' + prefix + SIDECAR}, vocabulary "
+                f"{made_by.get('vocab_size')}) than --tst-tokenizer {args.tst_tokenizer} "
+                f"(vocabulary {vocab}): give the tokenizer the data was made with, or preprocess "
+                "the data again with this one"
+            )
+        if model_vocab is not None and made_by.get("max_token_id", -1) >= model_vocab:
+            raise ValueError(
+                f"--vocab-size {model_vocab} is below the largest token id of {prefix} "
+                f"({made_by['max_token_id']}): set --vocab-size {vocab}"
+            )
 
     tokens = count_tokens(train)
     one_batch = plan.global_batch_size * (item_sequence_length(plan) + 1)
@@ -306,6 +269,17 @@ def check_data_and_tokenizer(args, plan: TSTPlan) -> None:
             "--global-batch-size / --seq-length"
         )
     check_corpus_budget(plan, tokens, strict=args.tst_strict_data)
+
+
+def check_corpus_budget(plan: TSTPlan, corpus_tokens: int, *, strict: bool) -> Optional[str]:
+    """Warn (or refuse, under --tst-strict-data) when the plan reads more text than one epoch
+    of the corpus holds (`corpus_shortfall`); returns the warning."""
+    message = corpus_shortfall(plan, corpus_tokens)
+    if message and strict:
+        raise ValueError(f"{message} (or drop --tst-strict-data to proceed)")
+    if message:
+        logger.warning(message)
+    return message
 
 
 def count_tokens(prefixes: list[str]) -> int:
@@ -332,14 +306,16 @@ def count_tokens(prefixes: list[str]) -> int:
     return tokens
 
 
-def _run_and_tee(cmd: list[str], env: dict, sink, on_line=None) -> tuple[int, list[str]]:
+def _run_and_tee(cmd: list[str], env: dict, sink, on_line=None) -> tuple[int, list[str], bool]:
     """Run the phase, copying its output to `sink` (and each line to `on_line`); returns the
-    exit status and the lines that say why it stopped (Megatron's logged errors and raised
-    exceptions).
+    exit status, the lines that say why it stopped (Megatron's logged errors and raised
+    exceptions), and whether the trainer reached its training loop (Megatron's
+    "training ..." line): a launch that fails before it failed on its inputs or machine,
+    and a rerun cannot resume anything it did.
 
     The copy runs in a thread and the exit status is what is waited for: a helper process the
     trainer left behind (a checkpoint writer orphaned by a crash) may hold the pipe open."""
-    reasons = []
+    reasons, trained = [], []
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, errors="replace", bufsize=1)
 
@@ -348,6 +324,8 @@ def _run_and_tee(cmd: list[str], env: dict, sink, on_line=None) -> tuple[int, li
             sink.write(line)
             if on_line is not None:
                 on_line(line)
+            if not trained and "training ..." in line:
+                trained.append(True)
             if line.startswith("ERROR:megatron") or (
                 re.search(r"\b\w*(Error|Exception): ", line) and "ChildFailedError" not in line
             ):
@@ -363,7 +341,7 @@ def _run_and_tee(cmd: list[str], env: dict, sink, on_line=None) -> tuple[int, li
         raise
     copier.join(timeout=10)
     sink.flush()
-    return rc, reasons
+    return rc, reasons, bool(trained)
 
 
 def _why(reasons: list[str]) -> str:
@@ -405,10 +383,11 @@ def launch_command(nproc: int, megatron_argv: list[str]) -> tuple[list[str], dic
             "--master-addr=127.0.0.1", f"--master-port={port}", *entry], {}
 
 
-def check_before_launch(argv: list[str], args, plan: TSTPlan, nproc: int) -> list[tuple[int, list[str]]]:
+def check_before_launch(argv: list[str], args, plan: TSTPlan, nproc: int) -> list:
     """Every check a run passes on the machine that launches it, before anything is written:
-    nemo-tst's own arguments, the parallel layout, data and tokenizer, the checkpoints on disk,
-    what this machine provides. Returns the phases still to run (`phase_commands`)."""
+    nemo-tst's own arguments, the parallel layout, data and tokenizer, the run directory and
+    its checkpoints, what this machine provides, and Megatron-LM's own validation. Returns the
+    damaged-checkpoint fallbacks the run will make (`run_dir.damaged_checkpoint_fallbacks`)."""
     if args.exit_interval:
         raise ValueError("--exit-interval is set by nemo-tst to end phase 1; remove it")
     if not args.save:
@@ -418,11 +397,17 @@ def check_before_launch(argv: list[str], args, plan: TSTPlan, nproc: int) -> lis
             "--load is managed by nemo-tst (phase 2 loads phase 1's checkpoint): pass only "
             "--save, and rerun the same command to resume"
         )
+    save = Path(args.save)
+    run_dir.check_run_directory(save, run_identity(args, plan), MEGATRON_NAMES)
     check_parallel_layout(args, nproc)
     check_data_and_tokenizer(args, plan)
-    commands = phase_commands(argv, args, plan)  # validates the checkpoints on disk
+    run_dir.checkpoint_progress(save, plan, MEGATRON_NAMES)  # the checkpoints belong to this plan
+    fallbacks = run_dir.damaged_checkpoint_fallbacks(save, plan, MEGATRON_NAMES)
+    if not fallbacks:
+        phase_commands(argv, args, plan)  # what is asked for can run from what is on disk
     check_runtime(args)
-    return commands
+    check_with_megatron(args, nproc)
+    return fallbacks
 
 
 def run(argv: list[str], *, nproc: int = 1, log_file: Optional[Path] = None, on_line=None,
@@ -445,39 +430,56 @@ def run(argv: list[str], *, nproc: int = 1, log_file: Optional[Path] = None, on_
             argv += ["--vocab-size", str(vocab)]
         args = parse_megatron_args(argv)
     plan = plan_from_args(args)
-    commands = check_before_launch(argv, args, plan, nproc)
+    fallbacks = check_before_launch(argv, args, plan, nproc)
     save = Path(args.save)
-    claim_run_directory(save, args, plan)  # the first write, after every check
+    # The first writes, after every check: the lock (held over all launches), then the claim.
+    with run_dir.RunLock(save).acquire(MEGATRON_NAMES):
+        claim_run_directory(save, args, plan)
+        for directory, iteration, problems in fallbacks:
+            say(f"[nemo-tst] WARNING: the latest checkpoint in {directory} is damaged "
+                f"({'; '.join(problems)}); falling back")
+            run_dir.fall_back(directory, iteration, lambda text: say(f"[nemo-tst] {text}"))
+        commands = phase_commands(argv, args, plan)
+        _launch_phases(commands, plan, save, nproc, log_file, on_line, say, env, args)
+    return plan
+
+
+def _launch_phases(commands, plan: TSTPlan, save: Path, nproc: int, log_file, on_line, say, env, args) -> None:
+    """Each phase still to run, one launch each; a phase that stops short ends the run."""
     log_file = Path(log_file) if log_file else save / "train.log"
     if args.tst_phase == "1" and 1 not in run_phases(plan):
         say(f"[nemo-tst] {NO_PHASE1_AT_S1}")
-    launch_env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1", PYTHONUNBUFFERED="1", **(env or {}))
+    launch_env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1", PYTHONUNBUFFERED="1",
+                      **{run_dir.LOCK_HELD_ENV: str(save)}, **(env or {}))
     for phase, extra in commands:
         cmd, rank_env = launch_command(nproc, extra)
         last = plan.train_iters if phase == 2 else plan.phase1_iters
-        done = latest_iteration(save / f"phase{phase}")
-        if done is None and phase == 2 and 1 in run_phases(plan):
-            done = plan.phase1_iters
-        elif done is None and phase == 2:
-            done = latest_iteration(save / "phase1") or 0  # s = 1: see resolve_phase_start
+        load, _ = run_dir.phase_start(plan, phase, run_dir.phase_dir(save, phase), run_dir.phase_dir(save, 1))
+        done = latest_iteration(load) if load is not None else None
         what = "" if 1 in run_phases(plan) else "; s=1: no superposition phase, the whole run in one launch"
         say(f"[nemo-tst] phase {phase} (iterations {(done or 0) + 1}-{last}{what}) on {nproc} "
             f"process(es); trainer output: {log_file}")
         with open(log_file, "a") as log:
             log.write(f"[nemo-tst] {' '.join(cmd)}\n")
             log.flush()
-            rc, reasons = _run_and_tee(cmd, dict(launch_env, **rank_env), log, on_line)
+            rc, reasons, trained = _run_and_tee(cmd, dict(launch_env, **rank_env), log, on_line)
         if rc != 0:
+            reached = latest_iteration(run_dir.phase_dir(save, phase))
+            if not trained:
+                raise RuntimeError(
+                    f"phase {phase} failed before training started (status {rc}){_why(reasons)}; "
+                    f"see {log_file}. Fix the cause it names, then rerun"
+                )
             raise RuntimeError(
-                f"phase {phase} exited with status {rc}{_why(reasons)}; see {log_file}. Rerun "
-                "the same command to resume from the latest checkpoint"
+                f"phase {phase} crashed during training (status {rc}){_why(reasons)}; see "
+                f"{log_file}. Rerun the same command to resume from the latest checkpoint "
+                f"({'none yet' if reached is None else f'iteration {reached}'})"
             )
         # Megatron also exits 0 when asked to stop early (SIGTERM with --exit-signal-handler,
         # --exit-duration-in-mins): the next phase starts only from a finished one.
-        reached = latest_iteration(save / f"phase{phase}")
+        reached = latest_iteration(run_dir.phase_dir(save, phase))
         if reached != last:
             raise RuntimeError(
                 f"phase {phase} stopped at iteration {reached} before its end ({last}); see "
                 f"{log_file}; nothing was lost: rerun the same command to resume"
             )
-    return plan

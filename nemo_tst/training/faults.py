@@ -1,31 +1,59 @@
 """Deterministic crash injection for the fault tests (and for anyone rehearsing a preemption).
 
-`NEMO_TST_KILL_AT=<iteration>` makes the training process send itself SIGKILL as it starts that
-iteration (1-based, counted over the whole run), `NEMO_TST_KILL_SIGNAL=TERM` sends SIGTERM
-instead. Unset (always, outside tests), this is one environment lookup per step. A real
-preemption can land anywhere; a kill at a chosen iteration makes "rerun the same command and
-finish with the uninterrupted run's losses" testable without racing a fast CPU loop.
+Each fault is installed by wrapping, and only when its environment variable is set: without
+them the trainer runs the unwrapped forward step and save function (`install`).
 
-`NEMO_TST_KILL_IN_SAVE_AT=<iteration>` kills the process in the middle of that iteration's
-checkpoint save (see `install_save_fault`); `NEMO_TST_NAN_AT=<iteration>` makes that
-iteration's loss NaN, as a diverging run would.
+    NEMO_TST_KILL_AT=<iteration>        SIGKILL as that training iteration starts (1-based,
+                                        counted over the whole run); NEMO_TST_KILL_SIGNAL=TERM
+                                        sends SIGTERM instead, which the trainer may handle
+    NEMO_TST_KILL_IN_SAVE_AT=<iteration> SIGKILL in the middle of that iteration's checkpoint
+                                        save, after its files are written, before Megatron
+                                        records it as the latest
+    NEMO_TST_NAN_AT=<iteration>         that training iteration's loss is NaN, as a diverging
+                                        run's would be
+
+A real preemption can land anywhere; a kill at a chosen iteration makes "rerun the same
+command and finish with the uninterrupted run's losses" testable without racing a fast loop.
 """
 
+import functools
 import os
 import signal
 
-__all__ = ["install_save_fault", "maybe_kill", "maybe_poison"]
+__all__ = ["install"]
 
 
-def maybe_kill(iteration: int) -> None:
-    """Kill this process if the environment asks for it at `iteration` (1-based)."""
-    at = os.environ.get("NEMO_TST_KILL_AT")
-    if at is None or int(at) != iteration:
-        return
-    if os.environ.get("NEMO_TST_KILL_SIGNAL") == "TERM":
-        os.kill(os.getpid(), signal.SIGTERM)  # the trainer may handle this one
-        return
-    _die()
+def install(forward_step):
+    """The forward step with the faults the environment asks for (itself when none), after
+    wrapping Megatron's checkpoint save if NEMO_TST_KILL_IN_SAVE_AT is set. Call before
+    training, on each rank."""
+    if "NEMO_TST_KILL_IN_SAVE_AT" in os.environ:
+        _kill_in_save(int(os.environ["NEMO_TST_KILL_IN_SAVE_AT"]))
+    kill_at = os.environ.get("NEMO_TST_KILL_AT")
+    nan_at = os.environ.get("NEMO_TST_NAN_AT")
+    if kill_at is None and nan_at is None:
+        return forward_step
+    kill_at = None if kill_at is None else int(kill_at)
+    nan_at = None if nan_at is None else int(nan_at)
+    term = os.environ.get("NEMO_TST_KILL_SIGNAL") == "TERM"
+
+    @functools.wraps(forward_step)
+    def forward_step_with_faults(data_iterator, model, *args, **kwargs):
+        from megatron.training import get_args
+
+        iteration = getattr(get_args(), "curr_iteration", None)
+        iteration = None if iteration is None or not model.training else iteration + 1
+        if iteration is not None and iteration == kill_at:
+            if term:
+                os.kill(os.getpid(), signal.SIGTERM)
+            else:
+                _die()
+        output, loss_func = forward_step(data_iterator, model, *args, **kwargs)
+        if iteration is not None and iteration == nan_at:
+            output = output * float("nan")
+        return output, loss_func
+
+    return forward_step_with_faults
 
 
 def _die() -> None:
@@ -37,21 +65,16 @@ def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def install_save_fault() -> None:
-    """`NEMO_TST_KILL_IN_SAVE_AT=<iteration>`: SIGKILL once that iteration's checkpoint files
-    are written but before Megatron records the checkpoint as the latest, i.e. a save cut short.
+def _kill_in_save(iteration: int) -> None:
+    """SIGKILL once `iteration`'s checkpoint files are written but before Megatron records the
+    checkpoint as the latest, i.e. a save cut short.
 
     Wraps `megatron.core.dist_checkpointing.save` (Megatron's save_checkpoint looks it up at
-    call time and writes `latest_checkpointed_iteration.txt` after it returns). Call before
-    training; without the variable nothing is wrapped.
-    """
-    at = os.environ.get("NEMO_TST_KILL_IN_SAVE_AT")
-    if at is None:
-        return
+    call time and writes its tracker after it returns)."""
     from megatron.core import dist_checkpointing
 
     original = dist_checkpointing.save
-    marker = f"iter_{int(at):07d}"
+    marker = f"iter_{iteration:07d}"
 
     def save_then_die(sharded_state_dict, checkpoint_dir, *args, **kwargs):
         result = original(sharded_state_dict, checkpoint_dir, *args, **kwargs)
@@ -61,11 +84,3 @@ def install_save_fault() -> None:
 
     save_then_die.__wrapped__ = original
     dist_checkpointing.save = save_then_die
-
-
-def maybe_poison(output, iteration: int):
-    """`output` times NaN if the environment asks for a non-finite loss at `iteration`."""
-    at = os.environ.get("NEMO_TST_NAN_AT")
-    if at is None or int(at) != iteration:
-        return output
-    return output * float("nan")

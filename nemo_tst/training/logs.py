@@ -12,11 +12,13 @@ stops reporting (phase 1's "tst loss" in an s = 1 run, one launch through both c
 printed as 0 from then on; the reader drops it (`_live`).
 """
 
+import logging
 import re
 from dataclasses import dataclass, field
 
 __all__ = [
-    "TrainingLog", "is_progress_line", "iteration_line", "parse_training_log", "training_loss", "validation_line",
+    "TrainingLog", "is_progress_line", "iteration_line", "parse_training_log", "progress_text",
+    "quiet_cuda_runtime_notice", "training_loss", "validation_line",
 ]
 
 _FLOAT = r"([-+]?\d+\.\d+E[-+]\d+|nan|inf)"
@@ -27,17 +29,69 @@ _VALID = re.compile(r"validation loss at iteration (\d+)( on \w+ set)? \| lm los
 # matched: with several ranks writing to one pipe, another rank's output can share the line.
 _PROCESS_START = re.compile(r"\btraining \.\.\.")
 _TST = re.compile(r"^\[tst\] iteration (\d+) \| phase (\d) \| s (\d+) \| latent positions (\d+) \| text tokens (\d+)")
-# What a terminal shows of a run (`nemo-tst pretrain`): the per-interval lines, evaluations,
-# checkpoints, nemo-tst's own lines and errors; not the argument dump, warnings or notices.
+# What a terminal shows of a run (`nemo-tst pretrain`): Megatron's per-interval lines,
+# evaluations, checkpoints and early exit, nemo-tst's own lines ("[nemo-tst] ...", and each
+# interval's "[tst] ..." phase and text-token count) and errors; not the argument dump, the
+# start-up reports, warnings or notices.
 _PROGRESS = re.compile(
-    r"\biteration\s+\d+/\s*\d+ \||validation loss at iteration|successfully (saved|loaded) checkpoint|"
-    r"exiting program at iteration|^\[nemo-tst\]|^ERROR:|Error: |^Traceback"
+    r"(?P<megatron>\biteration\s+\d+/\s*\d+ \||validation loss at iteration|"
+    r"successfully (saved|loaded) checkpoint|\[?exiting program at iteration)|"
+    r"^\[nemo-tst\]|^\[tst\] |^ERROR:|Error: |^Traceback"
 )
+
+
+# Megatron's timestamp before a per-interval or checkpoint line, as the text before a match ends.
+_TIMESTAMP_BEFORE = re.compile(r" *\[\d{4}-\d\d-\d\d [\d:.]+\] *$")
 
 
 def is_progress_line(line: str) -> bool:
     """Whether a trainer output line belongs on the terminal (see `_PROGRESS`)."""
     return bool(_PROGRESS.search(line)) and "warn" not in line.lower()
+
+
+def progress_text(line: str):
+    """The part of a trainer output line that belongs on the terminal, else None.
+
+    With several ranks writing to one pipe, another rank's unfinished line can precede a progress
+    line ("Number of parameters in transformer block in billions:  0.00 [2026-...] iteration
+    1/ 6 | ..."): that prefix is cut, Megatron's timestamp kept. Other lines, errors included,
+    come back whole."""
+    if not is_progress_line(line):
+        return None
+    match = _PROGRESS.search(line)
+    if match.group("megatron") is None:
+        return line
+    start = match.start()
+    timestamp = _TIMESTAMP_BEFORE.search(line[:start])
+    if timestamp is not None:
+        start = timestamp.start()
+    elif not line[:start].strip():
+        start = 0  # only Megatron's indentation before it
+    return line[start:]
+
+
+CUDA_RUNTIME_NOTICE = "No CUDA runtime is found"
+"""The start of what torch.utils.cpp_extension logs at import when a CUDA toolkit is installed
+(CUDA_HOME, CUDA_PATH or nvcc on PATH) but torch sees no GPU; megatron.core imports that module
+(tensor_parallel.random imports its `load_inline`), so every process that imports megatron.core
+on such a CPU machine prints it once."""
+
+
+class _DropCudaRuntimeNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(CUDA_RUNTIME_NOTICE)
+
+
+def quiet_cuda_runtime_notice() -> None:
+    """Keep torch's "No CUDA runtime is found, using CUDA_HOME=..." off this process's output.
+
+    Call it before anything imports megatron.core. On a CPU machine the missing CUDA runtime is
+    the point, not news. Only that one message is dropped: the module's other warnings (a
+    compiler mismatch when building an extension, say) still show, and on a GPU machine, where
+    torch never logs the notice, nothing changes. Calling it again does nothing."""
+    cpp_extension_log = logging.getLogger("torch.utils.cpp_extension")
+    if not any(isinstance(f, _DropCudaRuntimeNotice) for f in cpp_extension_log.filters):
+        cpp_extension_log.addFilter(_DropCudaRuntimeNotice())
 
 
 def iteration_line(line: str):

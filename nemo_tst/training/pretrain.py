@@ -24,28 +24,31 @@ import torch
 __all__ = ["main", "model_provider", "train_valid_test_datasets_provider"]
 
 
+def _early_options(argv: list[str]):
+    """`--tst-cpu` and `--tokenizer-type`, read before Megatron's own parser runs (which is
+    after megatron.training has built state the CPU patches must precede), with argparse's
+    rules: the last value wins."""
+    import argparse
+
+    early = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    early.add_argument("--tst-cpu", action="store_true")
+    early.add_argument("--tokenizer-type", default=None)
+    return early.parse_known_args(argv)[0]
+
+
 def _enable_cpu_if_requested(argv: list[str]) -> None:
-    # Must run before megatron.training builds any state; see nemo_tst/cpu.py.
-    if "--tst-cpu" in argv:
-        from nemo_tst import cpu
+    """`--tst-cpu`: patch Megatron for CPU and gloo (nemo_tst/cpu.py)."""
+    wanted = _early_options(argv)
+    if not wanted.tst_cpu:
+        return
+    from nemo_tst import cpu
 
-        if _tokenizer_type(argv) == "NullTokenizer" and "transformers" not in sys.modules:
-            # A NullTokenizer needs no Hugging Face code, but megatron's tokenizer registry
-            # imports every text tokenizer library, transformers included (about 1.2 s of a
-            # CPU launch); each of those imports is guarded, so this rank treats it as absent.
-            sys.modules["transformers"] = None
-        cpu.enable_megatron_cpu()
-
-
-def _tokenizer_type(argv: list[str]):
-    """The value of the last --tokenizer-type in argv (argparse's rule), or None."""
-    found = None
-    for i, a in enumerate(argv):
-        if a == "--tokenizer-type" and i + 1 < len(argv):
-            found = argv[i + 1]
-        elif a.startswith("--tokenizer-type="):
-            found = a.split("=", 1)[1]
-    return found
+    if wanted.tokenizer_type == "NullTokenizer" and "transformers" not in sys.modules:
+        # A NullTokenizer needs no Hugging Face code, but megatron's tokenizer registry
+        # imports every text tokenizer library, transformers included (about 1.2 s of a
+        # CPU launch); each of those imports is guarded, so this rank treats it as absent.
+        sys.modules["transformers"] = None
+    cpu.enable_megatron_cpu()
 
 
 def model_provider(pre_process=True, post_process=True, vp_stage=None, config=None, pg_collection=None):
@@ -164,7 +167,7 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
     from megatron.core.datasets.gpt_dataset import GPTDataset
     from megatron.training import get_args, print_rank_0
 
-    from nemo_tst.training.data import TSTTrainDataset, item_sequence_length, items_needed
+    from nemo_tst.core.data import TSTTrainDataset, item_sequence_length, items_needed
 
     args = get_args()
     built_on_rank = partial(_is_dataset_built_on_rank, vp_stage=vp_stage)
@@ -204,8 +207,12 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
 def main(argv: list[str] | None = None) -> None:
     """Run one phase (`--tst-phase 1` or `2`) with Megatron's trainer, on this rank."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:  # Megatron's own help crashes on one of its help strings
+        from nemo_tst.training.arguments import help_text
+
+        print(help_text("python -m nemo_tst.training.pretrain", megatron=True))
+        return
     _enable_cpu_if_requested(argv)
-    argv = [a for a in argv if a != "--tst-cpu"]
 
     from megatron.core.enums import ModelType
     from megatron.training import pretrain
@@ -216,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     from nemo_tst.training import faults
     from nemo_tst.training.arguments import add_tst_arguments, check_runtime, plan_from_args
     from nemo_tst.training.driver import resolve_phase_start
-    from nemo_tst.training.step import forward_step
+    from nemo_tst.training.step import ProgressLog, forward_step
 
     sys.argv = [sys.argv[0]] + argv
     args = parse_and_validate_args(extra_args_provider=add_tst_arguments)
@@ -233,8 +240,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.tst_tokenizer is None:
         raise ValueError("--tst-tokenizer (the tokenizer.json used to preprocess the data) is required")
+    lock = _lock_run_directory(args)  # noqa: F841 -- held (by global rank 0) until this process ends
     tokenizer = HFTokenizer.from_file(args.tst_tokenizer)
-    faults.install_save_fault()
 
     # The plan and tokenizer are bound here, not stored on Megatron's args: args are pickled
     # into every checkpoint, and a checkpoint must load with plain Megatron (no nemo_tst).
@@ -244,9 +251,28 @@ def main(argv: list[str] | None = None) -> None:
         pretrain_cfg_container_from_args(args),
         datasets_provider,
         ModelType.encoder_or_decoder,
-        partial(forward_step, plan=plan, eod_id=tokenizer.eod),
+        faults.install(partial(forward_step, plan=plan, eod_id=tokenizer.eod, progress=ProgressLog(plan))),
         model_provider,
     )
+
+
+def _lock_run_directory(args):
+    """Global rank 0 of a stage launched without `nemo-tst pretrain` (NeMo-Run, Slurm: every
+    rank runs this module) takes the run directory's lock for its lifetime, so a second
+    submission of the same run refuses while this one trains (`run_dir.RunLock`). Ranks the
+    driver launched inherit its lock and take none."""
+    import os
+    from pathlib import Path
+
+    from nemo_tst.core.run_dir import LOCK_HELD_ENV, RunLock
+    from nemo_tst.training.arguments import MEGATRON_NAMES
+
+    save = Path(args.save) if args.save else None
+    if save is None or save.name not in ("phase1", "phase2") or os.environ.get(LOCK_HELD_ENV):
+        return None
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    return RunLock(save.parent).acquire(MEGATRON_NAMES)
 
 
 def _end_rank(code) -> None:
@@ -277,7 +303,7 @@ def _end_rank(code) -> None:
 
 
 if __name__ == "__main__":
-    on_cpu = "--tst-cpu" in sys.argv[1:]  # main() rewrites sys.argv
+    on_cpu = _early_options(sys.argv[1:]).tst_cpu  # main() rewrites sys.argv
     try:
         main()
     except SystemExit as stop:  # Megatron's own exit (--exit-interval, exit signal, duration)

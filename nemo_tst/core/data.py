@@ -37,28 +37,24 @@ Guarantee: within one epoch of the corpus no text token is an input twice, acros
 phases: items are disjoint windows (their last token is shared with the next item only as a
 target), phase 2 starts at the first item phase 1 did not read, and each (item, piece) is
 read once. When the plan needs more items than one epoch holds, Megatron starts a new
-shuffled epoch (tokens repeat); `check_corpus_budget` warns, or fails under
-`--tst-strict-data`.
+shuffled epoch (tokens repeat); `corpus_shortfall` says so before launch.
 
 Validation is ordinary next-token data (GPTDataset at sequence length L) in both phases, so
 the curves of TST and baseline runs compare directly.
 """
 
-import logging
 import math
 from typing import Optional
 
 import numpy as np
 import torch
 
-from nemo_tst.training.arguments import TSTPlan
+from nemo_tst.core.plan import TSTPlan
 
 __all__ = [
-    "TSTTrainDataset", "check_corpus_budget", "items_needed", "phase2_item_and_piece", "pieces_per_item",
+    "TSTTrainDataset", "corpus_shortfall", "item_sequence_length", "items_needed", "phase2_item_and_piece",
+    "pieces_per_item",
 ]
-
-logger = logging.getLogger(__name__)
-
 
 def pieces_per_item(plan: TSTPlan) -> int:
     """Phase-2 samples (L + 1 tokens each) per item; an item also holds one phase-1 sample."""
@@ -93,21 +89,18 @@ def phase2_item_and_piece(q: int, plan: TSTPlan) -> tuple[int, int]:
     return M + item, piece
 
 
-def check_corpus_budget(plan: TSTPlan, corpus_tokens: int, *, strict: bool) -> Optional[str]:
-    """Warn (or raise, if strict) when the plan reads more text than one epoch of the corpus."""
+def corpus_shortfall(plan: TSTPlan, corpus_tokens: int) -> Optional[str]:
+    """Why the plan reads more text than one epoch of the corpus holds, or None if it fits.
+    (The caller warns, or refuses when its user asked for strict data.)"""
     needed = items_needed(plan) * (item_sequence_length(plan) + 1)
     if needed <= corpus_tokens:
         return None
-    message = (
+    return (
         f"the TST plan reads {needed:,} text tokens but the training corpus holds "
         f"{corpus_tokens:,}: Megatron will start a new epoch and tokens will repeat (the "
-        "paper's data-bound regime, where TST loses to the baseline). Add data, lower "
-        "--train-iters or --tst-bag-size"
+        "paper's data-bound regime, where TST loses to the baseline). Add data, or lower the "
+        "iterations or the bag size"
     )
-    if strict:
-        raise ValueError(message + " (or drop --tst-strict-data to proceed)")
-    logger.warning(message)
-    return message
 
 
 class TSTTrainDataset(torch.utils.data.Dataset):

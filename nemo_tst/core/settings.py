@@ -1,0 +1,117 @@
+"""What TST adds to a pretraining run, as one frozen type: `TSTSettings`.
+
+Every way of asking for TST builds one: the `--tst-*` arguments of `nemo-tst pretrain`
+(`nemo_tst.training.arguments.settings_from_args`), the `tst:` section of a recipe, and a
+Megatron-Bridge recipe (`nemo_tst.bridge.tst_phase_configs(cfg, TSTSettings(...))`). The plan
+of a run (`nemo_tst.core.plan.TSTPlan`) carries it. It is checked once, when it is built; each
+integration then says a bad value with its own names for the settings (`SettingNames`).
+"""
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Optional
+
+from nemo_tst.superposition.config import Mode, SettingError, SuperpositionConfig, Weighting
+
+__all__ = ["FIELD_NAMES", "SettingError", "SettingNames", "TSTSettings"]
+
+DEFAULT_PHASE1_FRACTION = 0.3
+
+
+@dataclass(frozen=True, kw_only=True)
+class TSTSettings:
+    """Token superposition: phase 1 trains on bags of s tokens for the first r of the steps.
+
+    Everything else keeps its meaning in the trainer: the sequence length is L (latent
+    positions in phase 1, tokens in phase 2), the iteration count N spans both phases, and
+    the global batch counts samples of either phase."""
+
+    bag_size: int
+    """s: tokens averaged into one latent position in phase 1 (paper: 6 dense, 16 MoE); 1 is
+    ordinary training (the baseline), through the same code."""
+    phase1_fraction: Optional[float] = None
+    """r: the fraction of the N iterations spent in phase 1 (paper: 0.2-0.4); n1 = round(r N).
+    Default 0.3 when phase1_iters is not given either; giving both is refused."""
+    phase1_iters: Optional[int] = None
+    """n1 directly, instead of phase1_fraction."""
+    mode: Mode = "full"
+    """"full" (the method), or the paper's "input_only" / "output_only" ablations."""
+    weighting: Weighting = "uniform"
+    """How the k targets of a latent position share its loss: uniform, power, exp, first."""
+    target_weights: Optional[tuple[float, ...]] = None
+    """Explicit weights of the k targets (normalised to sum 1); overrides `weighting`."""
+    mask_cross_document_targets: bool = False
+    """Mask a target in a later document than the bag's last token (needs the tokenizer's
+    end-of-document id)."""
+
+    def __post_init__(self):
+        if self.target_weights is not None:
+            object.__setattr__(self, "target_weights", tuple(float(w) for w in self.target_weights))
+        self.superposition  # noqa: B018 -- builds and checks the phase-1 config now
+        if self.phase1_iters is not None and self.phase1_fraction is not None:
+            raise SettingError(
+                "phase1_iters", "{phase1_iters}={value} and {phase1_fraction}=%r both set phase "
+                "1's length; give one of them" % (self.phase1_fraction,), value=self.phase1_iters,
+            )
+        if self.phase1_iters is None and self.phase1_fraction is None:
+            object.__setattr__(self, "phase1_fraction", DEFAULT_PHASE1_FRACTION)
+        if self.phase1_iters is None:
+            r = self.phase1_fraction
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or not (math.isfinite(r) and 0.0 < r < 1.0):
+                raise SettingError(
+                    "phase1_fraction", "{phase1_fraction}={value!r} must lie strictly between 0 "
+                    "and 1 (paper: 0.2-0.4), or give {phase1_iters} instead", value=r,
+                )
+        else:
+            n1 = self.phase1_iters
+            if isinstance(n1, bool) or not isinstance(n1, int) or n1 < 1:
+                raise SettingError(
+                    "phase1_iters", "{phase1_iters}={value!r} must be a whole number >= 1 (and "
+                    "below {train_iters}); phase 1 of 0 steps is ordinary training", value=n1,
+                )
+
+    @cached_property
+    def superposition(self) -> SuperpositionConfig:
+        """What phase 1 does, for the math (`nemo_tst.superposition`)."""
+        return SuperpositionConfig(
+            bag_size=self.bag_size,
+            mode=self.mode,
+            weighting=self.weighting,
+            target_weights=self.target_weights,
+            mask_cross_document_targets=self.mask_cross_document_targets,
+        )
+
+    def phase1_iterations(self, train_iters: int) -> int:
+        """n1 for a run of N = `train_iters`: phase1_iters when given, else r N rounded to the
+        nearest iteration (every integration uses this, so a recipe gives the same boundary
+        through each)."""
+        if self.phase1_iters is not None:
+            return self.phase1_iters
+        return int(round(self.phase1_fraction * train_iters))
+
+
+@dataclass(frozen=True, kw_only=True)
+class SettingNames:
+    """How an integration spells the settings its users write, for the errors that name them."""
+
+    bag_size: str
+    phase1_fraction: str
+    phase1_iters: str
+    mode: str
+    weighting: str
+    target_weights: str
+    mask_cross_document_targets: str
+    train_iters: str
+    seq_length: str
+    tensor_parallel: str
+    sequence_parallel: str
+    context_parallel: str
+    decay_iters: str
+    wsd_decay_iters: str
+    mtp_num_layers: str
+    run_dir: str
+
+
+FIELD_NAMES = {name: name for name in TSTSettings.__dataclass_fields__}
+"""The settings as `TSTSettings` names them (what `str(SettingError)` says)."""
