@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Optional
 
 from nemo_tst.conf import CONF_DIR, read_conf
+from nemo_tst.core.settings import SettingError, TSTSettings
 from nemo_tst.recipes.catalog import load_recipe
 from nemo_tst.recipes.config import TSTRecipe
 
@@ -172,11 +173,11 @@ class Progress:
 
     # -- input ----------------------------------------------------------------------------------
     def feed(self, name: str, line: str) -> None:
-        from nemo_tst.training.logs import iteration_line, training_loss, validation_line
+        from nemo_tst.training.logs import is_training_start, iteration_line, training_loss, validation_line
 
         st = self.state[name]
         now = time.time()
-        if "training ..." in line:  # a trainer process starts its loop: restart the rate
+        if is_training_start(line):  # a trainer process starts its loop: restart the rate
             st["rate_from"] = None
             return
         held_out = validation_line(line)
@@ -381,7 +382,7 @@ def run_demo(out: Path, *, size_name: str, bag_size: int, phase1_fraction: float
         f"({data_seconds:.0f}s)")
     argvs = run_argvs(size["recipe"], data, out, bag_size=bag_size, phase1_fraction=phase1_fraction, cpu=cpu)
     N = recipe.training.train_iters
-    n1 = int(round(phase1_fraction * N))
+    n1 = TSTSettings(bag_size=bag_size, phase1_fraction=phase1_fraction).phase1_iterations(N)
     if side_by_side is None:
         side_by_side = bool(size.get("side_by_side")) and cpu and nproc == 1
     env = {}
@@ -480,7 +481,6 @@ def run_demo(out: Path, *, size_name: str, bag_size: int, phase1_fraction: float
 
 def check_demo_settings(bag_size, phase1_fraction, train_iters: int, size: str, out: Path) -> None:
     """The demo's own arguments, before any data is built or run trained."""
-    from nemo_tst.core.settings import SettingError, TSTSettings
 
     try:
         settings = TSTSettings(bag_size=bag_size, phase1_fraction=phase1_fraction)

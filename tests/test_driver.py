@@ -154,3 +154,16 @@ def test_trainer_lines_for_the_terminal():
                   "WARNING:megatron.core.models.gpt.gpt_model:GPTModel IS DEPRECATED."):
         assert not is_progress_line(noise), noise
     assert os.path.basename(__file__) == "test_driver.py"
+
+
+def test_a_release_checkpoint_is_not_taken_for_a_damaged_one(tmp_path):
+    """Megatron's tracker "release" names DIR/release/, not iter_0000000."""
+    from nemo_tst.core.run_dir import usable_checkpoint
+
+    rank_file = tmp_path / "release" / "mp_rank_00" / "model_optim_rng.pt"
+    rank_file.parent.mkdir(parents=True)
+    rank_file.write_bytes(b"weights")
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("release")
+    assert usable_checkpoint(tmp_path) == (0, [])
+    rank_file.write_bytes(b"")
+    assert usable_checkpoint(tmp_path)[1] == [f"{rank_file} is empty"]

@@ -25,7 +25,9 @@ from nemo_tst.core.settings import SettingNames, TSTSettings
 __all__ = [
     "BRIDGE_TRACKER", "LOCK", "LOCK_HELD_ENV", "MANIFEST", "MEGATRON_TRACKER", "RunLock",
     "check_run_directory", "checkpoint_problem", "checkpoint_progress", "claim_run_directory",
-    "damaged_checkpoint_fallbacks", "fall_back", "has_checkpoints", "latest_iteration", "phase2_source", "phase_dir", "phase_start", "phases_to_run", "settings_identity",
+    "damaged_checkpoint_fallbacks", "fall_back", "has_checkpoints", "latest_iteration",
+    "phase2_source", "phase_dir", "phase_start", "phases_to_run", "settings_identity",
+    "usable_checkpoint",
 ]
 
 MANIFEST = "tst_run.json"
@@ -151,7 +153,13 @@ def settings_identity(settings: TSTSettings, plan: TSTPlan) -> dict:
     ident = {f"tst_{f.name}": getattr(settings, f.name) for f in fields(settings)
              if f.name not in ("phase1_fraction", "phase1_iters")}
     ident["phase1_iters"] = plan.phase1_iters
-    return json.loads(json.dumps(ident))  # tuples as lists, as the manifest holds them
+    return _as_json(ident)
+
+
+def _as_json(value):
+    """`value` as the manifest holds it after a JSON round trip (tuples as lists, other
+    objects as their str)."""
+    return json.loads(json.dumps(value, default=str))
 
 
 _IDENTITY_DEFAULTS = {f"tst_{f.name}": f.default for f in fields(TSTSettings)}
@@ -176,7 +184,7 @@ def check_run_directory(run_dir, identity: dict, names: SettingNames) -> None:
     directory anew."""
     root = Path(run_dir)
     manifest = root / MANIFEST
-    identity = json.loads(json.dumps(identity, default=str))
+    identity = _as_json(identity)
     if manifest.is_file():
         try:
             previous = json.loads(manifest.read_text())["identity"]
@@ -213,7 +221,7 @@ def claim_run_directory(run_dir, identity: dict, plan: TSTPlan, names: SettingNa
     check_run_directory(run_dir, identity, names)
     root = Path(run_dir)
     root.mkdir(parents=True, exist_ok=True)
-    record = {"identity": json.loads(json.dumps(identity, default=str)),
+    record = {"identity": _as_json(identity),
               "plan": asdict(plan) | {"superposition": asdict(plan.superposition)}}
     tmp = root / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(record, indent=2, default=str))
@@ -299,13 +307,14 @@ class RunLock:
 # --------------------------------------------------------------------------------------------
 
 
-def checkpoint_problem(checkpoint_dir, iteration: int) -> Optional[str]:
-    """Why the checkpoint of `iteration` in a save directory cannot be loaded, or None.
+def checkpoint_problem(checkpoint_dir, iteration: int, *, release: bool = False) -> Optional[str]:
+    """Why the checkpoint of `iteration` in a save directory (with `release`, Megatron's
+    `release/` checkpoint, which its tracker names "release") cannot be loaded, or None.
 
     Reads only metadata: for torch_dist, that metadata.json and `.metadata` parse and that
     every storage file they name exists and is as long as the metadata says; for the legacy
     torch format, that each rank's file exists and is not empty."""
-    it_dir = Path(checkpoint_dir) / f"iter_{iteration:07d}"
+    it_dir = Path(checkpoint_dir) / ("release" if release else f"iter_{iteration:07d}")
     if not it_dir.is_dir():
         return f"{it_dir} is missing"
     meta = it_dir / "metadata.json"
@@ -372,7 +381,9 @@ def usable_checkpoint(checkpoint_dir) -> tuple[Optional[int], list[str]]:
     if why is not None:
         problems.append(f"{directory}: {why}")
     else:
-        problem = checkpoint_problem(directory, tracked)
+        release = (directory / MEGATRON_TRACKER).is_file() and \
+            (directory / MEGATRON_TRACKER).read_text(errors="replace").strip() == "release"
+        problem = checkpoint_problem(directory, tracked, release=release)
         if problem is None:
             return tracked, []
         problems.append(problem)

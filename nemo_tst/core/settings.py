@@ -14,7 +14,7 @@ from typing import Optional
 
 from nemo_tst.superposition.config import Mode, SettingError, SuperpositionConfig, Weighting
 
-__all__ = ["FIELD_NAMES", "SettingError", "SettingNames", "TSTSettings"]
+__all__ = ["SettingError", "SettingNames", "TSTSettings"]
 
 DEFAULT_PHASE1_FRACTION = 0.3
 
@@ -112,6 +112,3 @@ class SettingNames:
     mtp_num_layers: str
     run_dir: str
 
-
-FIELD_NAMES = {name: name for name in TSTSettings.__dataclass_fields__}
-"""The settings as `TSTSettings` names them (what `str(SettingError)` says)."""

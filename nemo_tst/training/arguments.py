@@ -238,7 +238,6 @@ def check_with_megatron(args: argparse.Namespace, world_size: int) -> None:
     zero micro-batch, ...) is refused now, with the rule Megatron checks. Its notices go
     nowhere. Without CUDA on this machine (the job may run elsewhere), the one question
     validation asks of the GPU, its architecture, is answered "none" (0)."""
-    import contextlib
     import copy
     import io
     import traceback

@@ -26,7 +26,7 @@ import threading
 from pathlib import Path
 from typing import Optional
 
-from nemo_tst.training.logs import quiet_cuda_runtime_notice
+from nemo_tst.training.logs import is_training_start, quiet_cuda_runtime_notice
 
 quiet_cuda_runtime_notice()  # before megatron.core is imported (see its docstring)
 
@@ -324,7 +324,7 @@ def _run_and_tee(cmd: list[str], env: dict, sink, on_line=None) -> tuple[int, li
             sink.write(line)
             if on_line is not None:
                 on_line(line)
-            if not trained and "training ..." in line:
+            if not trained and is_training_start(line):
                 trained.append(True)
             if line.startswith("ERROR:megatron") or (
                 re.search(r"\b\w*(Error|Exception): ", line) and "ChildFailedError" not in line

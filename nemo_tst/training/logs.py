@@ -17,7 +17,8 @@ import re
 from dataclasses import dataclass, field
 
 __all__ = [
-    "TrainingLog", "is_progress_line", "iteration_line", "parse_training_log", "progress_text",
+    "TrainingLog", "is_progress_line", "is_training_start", "iteration_line", "parse_training_log",
+    "progress_text",
     "quiet_cuda_runtime_notice", "training_loss", "validation_line",
 ]
 
@@ -159,11 +160,17 @@ def _unaverage(first_it: int, first: dict, it: int, reported: dict) -> dict:
     }
 
 
+def is_training_start(line: str) -> bool:
+    """Whether a trainer output line is Megatron's "training ..." as a process starts its
+    training loop (after arguments, model, data and checkpoint load)."""
+    return bool(_PROCESS_START.search(line))
+
+
 def parse_training_log(text: str) -> TrainingLog:
     log = TrainingLog()
     first = None  # (iteration, values) of the first line the current process printed
     for line in text.splitlines():
-        if _PROCESS_START.search(line):
+        if is_training_start(line):
             first = "next"
         # Megatron prefixes a timestamp, and other ranks' output may precede it on the line.
         elif parsed := iteration_line(line):
