@@ -36,9 +36,8 @@ USAGE, TRAINER LEVEL (`megatron.training.pretrain`)::
     cpu.enable_megatron_cpu()                 # before parse_and_validate_args / pretrain
     args = parse_and_validate_args(); pretrain(pretrain_cfg_container_from_args(args), ...)
 
-with `--distributed-backend gloo --transformer-impl local --use-cpu-initialization
---no-persist-layer-norm --no-gradient-accumulation-fusion --no-masked-softmax-fusion
---no-bias-gelu-fusion --no-bias-dropout-fusion --no-rope-fusion --num-workers 0`, and
+with `TRAINER_CPU_ARGS` (`--distributed-backend gloo --use-cpu-initialization ...`), the
+plain-PyTorch layers' `nemo_tst.recipes.config.LOCAL_LAYERS_ARGS`, `--num-workers 0`, and
 CUDA_DEVICE_MAX_CONNECTIONS=1 in the environment when TP or CP > 1 (validate_args asserts it
 for pre-Blackwell devices, which CPU counts as). In forward_step move batches with
 `.to(device)` where device is "cpu" when CUDA is unavailable: `.cuda()` there still fails.
@@ -65,23 +64,28 @@ calling enable twice is a no-op; with CUDA available it refuses unless `force=Tr
    functions run with `Tensor.cuda` = identity and `Tensor.type()` naming a CPU tensor by its
    CUDA type, for the duration of the call only.
 3. Replaced functions and methods: the CUDA RNG tracker's states on the CPU generator,
-   `initialize_megatron` without its CUDA assertion, no JIT warm-up, no GPU architecture, no
-   `make` for the shipped dataset helpers, `MegatronModule.cuda` staying on CPU, synchronous
-   checkpoint saves without a spawned Manager process, and the distributed optimizer's
-   resume without Apex/TE (each function's docstring says why).
+   `initialize_megatron` without its CUDA assertion, no JIT warm-up (its tensors are made on
+   "cuda"), no GPU architecture, `MegatronModule.cuda` staying on CPU (each function's
+   docstring says why).
+
+Every patch here stands in for the device (CUDA calls, NCCL, the CUDA RNG, streams) or for an
+absent Transformer Engine; tests/test_cpu_support.py lists each with that reason. Fixes that
+a GPU run needs as well live in `nemo_tst.megatron_fixes`, which every launch applies; this
+module's patches use its bookkeeping (`patch_attribute`, `restore`).
 """
 
 import contextlib
 import functools
 import importlib
 import logging
-import queue
-import threading
 import types
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
+
+from nemo_tst.megatron_fixes import patch_attribute, restore
+from nemo_tst.megatron_fixes import resolve as _resolve
 
 __all__ = [
     "MEGATRON_NAMES",
@@ -103,13 +107,14 @@ MODEL_CPU_CONFIG = dict(
     masked_softmax_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
 )
 
-# The Megatron-LM arguments a CPU run needs (see TRAINER LEVEL above); `--tst-cpu` makes each
-# rank call enable_megatron_cpu() before Megatron builds anything.
+# The Megatron-LM arguments a run needs on CPU beyond those of Megatron's plain-PyTorch layers
+# (`nemo_tst.recipes.config.LOCAL_LAYERS_ARGS`, which a CPU run needs too): `--tst-cpu` makes
+# each rank call enable_megatron_cpu() before Megatron builds anything, gloo replaces NCCL,
+# weights are drawn on the CPU generator, and the bias-activation / bias-dropout functions run
+# uncompiled (torch.compile's CPU code generation costs seconds per launch).
 TRAINER_CPU_ARGS = (
-    "--tst-cpu", "--distributed-backend", "gloo", "--transformer-impl", "local",
-    "--use-cpu-initialization", "--no-persist-layer-norm", "--no-gradient-accumulation-fusion",
-    "--no-masked-softmax-fusion", "--no-bias-gelu-fusion", "--no-bias-dropout-fusion",
-    "--no-rope-fusion",
+    "--tst-cpu", "--distributed-backend", "gloo", "--use-cpu-initialization",
+    "--no-bias-gelu-fusion", "--no-bias-dropout-fusion",
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -299,16 +304,6 @@ def _relies_on(target: str) -> str:
     return target
 
 
-def _resolve(target: str) -> tuple[Any, str]:
-    """(owner, attribute name) of "module:qualified.name" (a "(param)" suffix is ignored)."""
-    module_name, _, path = target.partition(":")
-    owner = importlib.import_module(module_name)
-    *outer, name = path.split("(")[0].split(".")
-    for part in outer:
-        owner = getattr(owner, part)
-    return owner, name
-
-
 def _megatron_attr(target: str) -> Any:
     owner, name = _resolve(target)
     return getattr(owner, name)
@@ -345,21 +340,10 @@ def _run_passing_as_cuda(*targets: str, trainer: bool = False) -> None:
 _APPLIED: list[tuple[Any, str, Any, Any]] = []
 _LOG_FILTERS: list[tuple[logging.Logger, logging.Filter]] = []
 _ENABLED = False
-_INHERITED = object()
 
 
 def _patch(owner: Any, name: str, replacement: Any) -> None:
-    original = getattr(owner, name)
-    if getattr(original, "_nemo_tst_cpu", False):  # already ours (defensive: never wrap twice)
-        return
-    own = name in vars(owner)  # False for an inherited method: restore by deleting ours
-    try:
-        replacement.__wrapped__ = original
-        replacement._nemo_tst_cpu = True
-    except (AttributeError, TypeError):
-        pass
-    setattr(owner, name, replacement)
-    _APPLIED.append((owner, name, original if own else _INHERITED, replacement))
+    patch_attribute(owner, name, replacement, _APPLIED, "_nemo_tst_cpu")
 
 
 def _apply(trainer: bool) -> None:
@@ -394,6 +378,7 @@ _cpu_view_of_torch(
     "megatron.core.tensor_parallel.random",  # torch.cuda RNG state and manual_seed
     "megatron.core.transformer.dot_product_attention",  # softmax offset on current_device()
     "megatron.core.transformer.moe.router",  # router tensors on current_device()
+    "megatron.core.transformer.moe.token_dispatcher",  # the all-to-all dispatcher's CUDA stream
     "megatron.core.transformer.utils",  # causal / sliding-window masks built on "cuda"
     "megatron.core.utils",  # current_device(), "cuda" tensors (e.g. the global memory buffer)
 )
@@ -519,12 +504,7 @@ def enable_megatron_cpu(*, trainer: bool = True, force: bool = False) -> bool:
 def disable_megatron_cpu() -> None:
     """Undo `enable_megatron_cpu`: every patched attribute gets its original back."""
     global _ENABLED, _TRAINER_ENABLED
-    while _APPLIED:
-        owner, name, original, _ = _APPLIED.pop()
-        if original is _INHERITED:
-            delattr(owner, name)
-        else:
-            setattr(owner, name, original)
+    restore(_APPLIED)
     while _LOG_FILTERS:
         lg, flt = _LOG_FILTERS.pop()
         lg.removeFilter(flt)
@@ -605,16 +585,6 @@ def _initialize_megatron(*args, **kwargs):
     return _initialize_megatron.__wrapped__(*args, **kwargs)
 
 
-@_replace("megatron.core.datasets.utils:compile_helpers", trainer=True)
-def _compile_helpers():
-    """Skip `make` when the compiled helpers_cpp extension is already importable (the wheel ships
-    the .so but not the Makefile)."""
-    try:
-        importlib.import_module("megatron.core.datasets.helpers_cpp")
-    except ImportError:
-        return _compile_helpers.__wrapped__()
-
-
 @_replace("megatron.training.utils.common_utils:get_device_arch_version",
           "megatron.training.arguments:get_device_arch_version",
           "megatron.training.utils:get_device_arch_version", trainer=True)
@@ -656,102 +626,6 @@ _run_passing_as_cuda(
     "megatron.core.dist_checkpointing.exchange_utils:exchange_loaded_tensors_broadcast",
     trainer=True,
 )
-
-
-# -- the distributed optimizer's resume without Apex/TE (always so on CPU) ---------------------
-
-_HAVE_APEX_OR_TE = _relies_on("megatron.core.optimizer.distrib_optimizer:HAVE_APEX_OR_TE")
-_relies_on("megatron.core.optimizer.distrib_optimizer:"
-           "DistributedOptimizer._init_optimizer_states_with_dummy_values")
-
-
-def _without_apex_or_te() -> bool:
-    return not _megatron_attr(_HAVE_APEX_OR_TE)
-
-
-@_replace("megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.sharded_state_dict",
-          trainer=True, when=_without_apex_or_te)
-def _distopt_sharded_state_dict(self, model_sharded_state_dict=None, is_loading=False, *args,
-                                **kwargs):
-    """DistributedOptimizer.sharded_state_dict for loading before the first step.
-
-    Without Apex/TE `state_dict()` reads the step from the torch optimizer's per-parameter
-    state, which is empty until the first step, so `--load` with `--use-distributed-optimizer`
-    asserts. Fill the state with Megatron's own dummy step first, as Megatron does for the
-    fsdp_dtensor format; the load then overwrites it."""
-    if is_loading and not self.optimizer.state:
-        self._init_optimizer_states_with_dummy_values()
-    if model_sharded_state_dict is None:
-        model_sharded_state_dict = {}
-    return _distopt_sharded_state_dict.__wrapped__(
-        self, model_sharded_state_dict, is_loading, *args, **kwargs
-    )
-
-
-@_replace("megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.load_state_dict",
-          trainer=True, when=_without_apex_or_te)
-def _distopt_load_state_dict(self, state_dict):
-    """DistributedOptimizer.load_state_dict, then give every parameter its own, correct `step`.
-
-    Without Apex/TE the step lives in torch Adam's per-parameter state, and the load gets it
-    wrong twice: it puts one shared tensor in every parameter's state, which torch's Adam then
-    increments once per parameter per iteration; and the per-parameter state it copies in
-    afterwards carries the pre-load placeholder step. Either way the bias correction after a
-    resume differs from the uninterrupted run. The step saved in the checkpoint's param_groups
-    is the true one: set it on each parameter."""
-    result = _distopt_load_state_dict.__wrapped__(self, state_dict)
-    groups = state_dict.get("optimizer", {}).get("param_groups", [])
-    steps = {float(g["step"]) for g in groups if g.get("step") is not None}
-    if len(steps) == 1:
-        step = steps.pop()
-        for state in self.optimizer.state.values():
-            if "step" in state:
-                state["step"] = torch.tensor(step, dtype=torch.float32)
-    return result
-
-
-@_replace("megatron.core.optimizer.distrib_optimizer:"
-          "DistributedOptimizer._set_main_param_and_optimizer_states", trainer=True)
-def _set_main_param_and_optimizer_states(self, *args, **kwargs):
-    """DistributedOptimizer._set_main_param_and_optimizer_states under torch.no_grad(): with fp32
-    params the main param is a view of the model param (a leaf that requires grad) and its
-    `copy_` into that view raises outside no_grad (bf16 params are unaffected)."""
-    with torch.no_grad():
-        return _set_main_param_and_optimizer_states.__wrapped__(self, *args, **kwargs)
-
-
-# -- synchronous torch_dist saves without a spawned Manager process (speed only) ---------------
-
-_SYNC_SAVE = threading.local()
-
-
-@_replace("megatron.core.dist_checkpointing.strategies.torch:TorchDistSaveShardedStrategy.save",
-          trainer=True)
-def _torch_dist_save(self, sharded_state_dict, checkpoint_dir):
-    """TorchDistSaveShardedStrategy.save (the synchronous torch_dist save), its writers'
-    results collected in this process.
-
-    The synchronous save runs Megatron's async machinery in the calling process, whose writer
-    asks for a result queue from a multiprocessing Manager started with "spawn": a fresh
-    interpreter that imports torch and the trainer's main module, seconds of CPU at each
-    launch's first save, for a queue that one thread of this process puts into and the same
-    process reads. During a synchronous save the writer gets a `queue.Queue` instead;
-    asynchronous saves (--async-save) keep the Manager."""
-    _SYNC_SAVE.active = True
-    try:
-        return _torch_dist_save.__wrapped__(self, sharded_state_dict, checkpoint_dir)
-    finally:
-        _SYNC_SAVE.active = False
-
-
-@_replace("megatron.core.dist_checkpointing.strategies.filesystem_async:get_write_results_queue",
-          trainer=True)
-def _write_results_queue(*args, **kwargs):
-    """get_write_results_queue: an in-process queue inside a synchronous save
-    (`_torch_dist_save`), else Megatron's Manager queue."""
-    if getattr(_SYNC_SAVE, "active", False):
-        return queue.Queue()
-    return _write_results_queue.__wrapped__(*args, **kwargs)
 
 
 def _enable_trainer() -> None:

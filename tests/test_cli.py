@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from nemo_tst.cli import main
+from nemo_tst.recipes.config import LOCAL_LAYERS_ARGS
 
 
 def test_help_and_unknown_command(capsys):
@@ -61,7 +62,7 @@ def pretrain_args(data, save, *extra):
         "--tokenizer-type", "NullTokenizer", "--vocab-size", "300",
         "--train-data-path", f"{data['prefix']}_train", "--valid-data-path", f"{data['prefix']}_valid",
         "--tst-tokenizer", str(data["tokenizer"]), "--tst-bag-size", "4", "--save", str(save),
-        "--save-interval", "5", "--transformer-impl", "local", "--tst-cpu", *extra,
+        "--save-interval", "5", *LOCAL_LAYERS_ARGS, "--tst-cpu", *extra,
     ]
 
 
@@ -122,6 +123,21 @@ BAD_INPUTS = {
     "phase-1 length given twice": (["--tst-phase1-iters", "3", "--tst-phase1-fraction", "0.3"],
                                    "--tst-phase1-iters=3 and --tst-phase1-fraction=0.3 both set"),
     "unknown option": (["--tst-bag-sise", "4"], "unrecognized arguments: --tst-bag-sise"),
+    # Settings the trainer cannot honour.
+    "cyclic data loader": (["--dataloader-type", "cyclic"], "--dataloader-type cyclic: a sample's phase"),
+    "external data loader": (["--dataloader-type", "external"], "use --dataloader-type single"),
+    "full-iteration CUDA graphs": (["--cuda-graph-impl", "full_iteration"],
+                                   "full-iteration CUDA graphs (--cuda-graph-impl full_iteration)"),
+    "MLA, which the model builder does not build": (["--multi-latent-attention"],
+                                                    "--multi-latent-attention: the TST model builder"),
+    "QK L2 norm, likewise": (["--qk-l2-norm"], "does not build QK L2 normalisation"),
+    "heterogeneous layers, likewise": (["--heterogeneous-layers-config-path", "/x.json"],
+                                       "remove --heterogeneous-layers-config-path"),
+    "document-reset positions": (["--reset-position-ids"], "--reset-position-ids is not supported"),
+    # Fusions Megatron's defaults turn on, whose TE / Apex kernels this machine lacks.
+    "gradient-accumulation fusion without Apex": (["--no-gradient-accumulation-fusion", None],
+                                                  "add --no-gradient-accumulation-fusion"),
+    "persistent layer norm without Apex": (["--no-persist-layer-norm", None], "add --no-persist-layer-norm"),
 }
 if not torch.cuda.is_available():
     BAD_INPUTS["no GPU and no --tst-cpu"] = (["--tst-cpu", None], "add --tst-cpu")
@@ -132,6 +148,7 @@ if importlib.util.find_spec("transformer_engine") is None:
         "TE layers without Transformer Engine": (["--transformer-impl", "transformer_engine"],
                                                  "--transformer-impl transformer_engine needs "
                                                  "Transformer Engine"),
+        "fused RoPE without Transformer Engine": (["--no-rope-fusion", None], "add --no-rope-fusion"),
     }
 
 # Whole commands other than `pretrain` (recipes: `nemo-tst plan` and `nemo-tst run`). "{tmp}"

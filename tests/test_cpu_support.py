@@ -220,6 +220,79 @@ def test_every_patched_megatron_name_exists(cpu_patches_off):
     assert missing_megatron_names(cpu.MEGATRON_NAMES) == []
 
 
+# Every patch nemo_tst.cpu makes, with the device it stands in for. A patch that is not a stand-in
+# for the device (CUDA calls, NCCL, the CUDA RNG, streams) or for an absent Transformer Engine
+# belongs on the path every launch takes (nemo_tst.megatron_fixes), not here.
+CUDA_CALLS = "CUDA calls: current_device(), tensors made on 'cuda', synchronize, memory statistics"
+CUDA_TENSORS = "CUDA tensors: .cuda() and .type() == 'torch.cuda.FloatTensor' on CPU tensors"
+CPU_PATCH_REASONS = {
+    **{f"{module}:torch": CUDA_CALLS for module in (
+        "megatron.core.models.common.embeddings.rotary_pos_embedding",
+        "megatron.core.pipeline_parallel.p2p_communication",
+        "megatron.core.pipeline_parallel.schedules",
+        "megatron.core.tensor_parallel.data",
+        "megatron.core.tensor_parallel.layers",
+        "megatron.core.tensor_parallel.mappings",
+        "megatron.core.transformer.dot_product_attention",
+        "megatron.core.transformer.moe.router",
+        "megatron.core.transformer.utils",
+        "megatron.core.utils",
+        "megatron.core.dist_checkpointing.strategies.fully_parallel",
+        "megatron.core.dist_checkpointing.exchange_utils",
+        "megatron.core.optimizer.clip_grads",
+        "megatron.core.optimizer.grad_scaler",
+        "megatron.core.optimizer.optimizer",
+        "megatron.core.optimizer.distrib_optimizer",
+        "megatron.core.timers",
+        "megatron.training.utils.common_utils",
+    )},
+    **{f"{module}:torch": "CUDA streams and events (and CUDA calls)" for module in (
+        "megatron.core.transformer.moe.token_dispatcher",
+        "megatron.core.dist_checkpointing.strategies.async_utils",
+        "megatron.core.dist_checkpointing.strategies.filesystem_async",
+        "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+        "megatron.core.distributed.distributed_data_parallel",
+        "megatron.core.distributed.param_and_grad_buffer",
+        "megatron.training.training",
+    )},
+    **{f"{module}:torch": "the CUDA RNG state (and CUDA calls)" for module in (
+        "megatron.core.tensor_parallel.random",
+        "megatron.core.rerun_state_machine",
+        "megatron.training.checkpointing",
+    )},
+    "megatron.training.initialize:torch": "a device count of 1: model-parallel init and RNG seeding skip 0",
+    "megatron.core.tensor_parallel.random:_get_cuda_rng_state": "the CUDA RNG",
+    "megatron.core.tensor_parallel.random:_set_cuda_rng_state": "the CUDA RNG",
+    "megatron.training.initialize:initialize_megatron": "asserts a CUDA device",
+    "megatron.training.training:initialize_megatron": "asserts a CUDA device",
+    "megatron.training.utils.common_utils:get_device_arch_version": "reads the GPU's architecture",
+    "megatron.training.arguments:get_device_arch_version": "reads the GPU's architecture",
+    "megatron.training.utils:get_device_arch_version": "reads the GPU's architecture",
+    "megatron.training.initialize:_warmup_jit_function": "its warm-up tensors are made on 'cuda'",
+    "megatron.core.transformer.module:MegatronModule.cuda": "moves the model to the GPU",
+    **{target: CUDA_TENSORS for target in (
+        "megatron.core.models.common.language_module.language_module:"
+        "LanguageModule.setup_embeddings_and_output_layer",
+        "megatron.core.tensor_parallel.data:broadcast_data",
+        "megatron.core.tensor_parallel:broadcast_data",
+        "megatron.core.optimizer.clip_grads:clip_grad_by_total_norm_fp32",
+        "megatron.core.optimizer.optimizer:clip_grad_by_total_norm_fp32",
+        "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.__init__",
+        "megatron.core.optimizer.optimizer:Float16OptimizerWithFloat16Params.__init__",
+        "megatron.core.dist_checkpointing.exchange_utils:exchange_loaded_tensors_gather_rounds",
+        "megatron.core.dist_checkpointing.exchange_utils:exchange_loaded_tensors_broadcast",
+    )},
+}
+
+
+def test_every_cpu_patch_stands_in_for_the_device():
+    """The patches nemo_tst.cpu makes are exactly those listed above, each with its device
+    reason: a new patch must say what device call it replaces."""
+    patched = [p.target for p in cpu._PATCHES]
+    assert len(patched) == len(set(patched))
+    assert sorted(patched) == sorted(CPU_PATCH_REASONS)
+
+
 def test_a_missing_megatron_name_is_reported():
     made_up = [
         "megatron.core.utils:no_such_function",
@@ -256,11 +329,14 @@ def _signature_mismatches(replacement, original) -> list[str]:
 
 
 def test_replacement_functions_accept_the_originals_calls(cpu_patches_off):
-    """Each replacement takes whatever its original takes, so a Megatron signature change
-    (a new required argument, a renamed keyword) shows here."""
+    """Each replacement (nemo_tst.cpu's and nemo_tst.megatron_fixes') takes whatever its
+    original takes, so a Megatron signature change (a new required argument, a renamed
+    keyword) shows here."""
+    from nemo_tst import megatron_fixes
+
     checked = 0
-    for p in cpu._PATCHES:
-        owner, name = cpu._resolve(p.target)
+    for p in cpu._PATCHES + megatron_fixes._PATCHES:
+        owner, name = megatron_fixes.resolve(p.target)
         original = getattr(owner, name)
         replacement = p.make(original)
         if callable(original) and inspect.isfunction(replacement):

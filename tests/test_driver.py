@@ -167,3 +167,60 @@ def test_a_release_checkpoint_is_not_taken_for_a_damaged_one(tmp_path):
     assert usable_checkpoint(tmp_path) == (0, [])
     rank_file.write_bytes(b"")
     assert usable_checkpoint(tmp_path)[1] == [f"{rank_file} is empty"]
+
+
+def test_only_global_rank_0_reads_checkpoint_metadata(tmp_path, monkeypatch):
+    """Every rank of a stage resolves its start; only global rank 0 reads the checkpoint's
+    metadata (a damaged one stops it, and the launcher ends the others)."""
+    from nemo_tst.core import run_dir
+
+    checkpoint(tmp_path / "phase1", 2)  # phase 1 resumes from iteration 2 ...
+    (tmp_path / "phase1" / "iter_0000002" / "mp_rank_00" / "model_optim_rng.pt").write_bytes(b"")
+    reads = []
+    real = run_dir.checkpoint_problem
+    monkeypatch.setattr(run_dir, "checkpoint_problem", lambda *a, **k: reads.append(a) or real(*a, **k))
+    monkeypatch.setenv("RANK", "1")
+    message, load = rank_start(tmp_path, 4, 1)
+    assert message is None and load == tmp_path / "phase1" and reads == []
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ValueError, match="is damaged .*model_optim_rng.pt is empty"):
+        rank_start(tmp_path, 4, 1)
+    assert reads
+
+
+def test_a_cpu_rank_that_sees_a_gpu_refuses(monkeypatch):
+    """--tst-cpu beside a visible CUDA GPU would run the CPU stand-ins next to a real CUDA
+    runtime: the rank refuses in one line; `nemo-tst pretrain --tst-cpu` hides the GPUs."""
+    import torch
+
+    from nemo_tst.training import pretrain
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ValueError, match="--tst-cpu runs Megatron on CPU, but this rank sees a CUDA GPU"):
+        pretrain._enable_cpu_if_requested(["--tst-cpu"])
+    pretrain._enable_cpu_if_requested([])  # a GPU run: nothing to refuse
+
+
+def test_cpu_runs_hide_the_gpus_from_their_ranks(tmp_path, monkeypatch):
+    """The environment a `--tst-cpu` launch gives its ranks has no visible GPU."""
+    from nemo_tst.training import driver
+
+    seen = {}
+
+    def launch(cmd, env, sink, on_line=None):
+        seen["env"] = env
+        return 1, ["stopped here"], False
+
+    monkeypatch.setattr(driver, "_run_and_tee", launch)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    args = parse_megatron_args(argv_for(tmp_path, 4, "--tst-cpu"))
+    plan = plan_from_args(args)
+    with pytest.raises(RuntimeError, match="phase 1 failed before training started"):
+        driver._launch_phases(phase_commands(argv_for(tmp_path, 4, "--tst-cpu"), args, plan), plan,
+                              tmp_path, 1, tmp_path / "log", None, lambda text: None, None, args)
+    assert seen["env"]["CUDA_VISIBLE_DEVICES"] == ""
+    args = parse_megatron_args(argv_for(tmp_path, 4))
+    with pytest.raises(RuntimeError):
+        driver._launch_phases(phase_commands(argv_for(tmp_path, 4), args, plan), plan, tmp_path, 1,
+                              tmp_path / "log", None, lambda text: None, None, args)
+    assert seen["env"]["CUDA_VISIBLE_DEVICES"] == "0,1"  # a GPU run keeps the user's choice

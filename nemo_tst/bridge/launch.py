@@ -28,6 +28,7 @@ from nemo_tst.bridge.step import tst_forward_step
 from nemo_tst.core.plan import TSTPlan, run_phases
 from nemo_tst.core.run_dir import phase2_source, phase_dir, phases_to_run
 from nemo_tst.core.settings import TSTSettings
+from nemo_tst.megatron_fixes import apply_megatron_fixes
 
 __all__ = ["next_tst_phase", "tst_model_hook", "tst_phase_configs", "tst_pretrain"]
 
@@ -148,5 +149,6 @@ def tst_pretrain(
         f"of {plan.train_iters}, checkpoints in {phase_dir(root, which)}",
         flush=True,
     )
+    apply_megatron_fixes()
     pretrain(phase1 if which == 1 else phase2, tst_forward_step, callbacks=callbacks)
     return which

@@ -13,7 +13,7 @@ from typing import Optional
 from nemo_tst.core.settings import TSTSettings
 
 __all__ = [
-    "DataPaths", "ModelShape", "ParallelLayout", "Precision", "TSTRecipe", "TSTSettings",
+    "LOCAL_LAYERS_ARGS", "DataPaths", "ModelShape", "ParallelLayout", "Precision", "TSTRecipe", "TSTSettings",
     "TrainingSchedule",
 ]
 
@@ -254,7 +254,8 @@ class TSTRecipe:
     cpu: bool = False
     """Run Megatron on CPU with gloo (nemo_tst/cpu.py): tests and machines without a GPU."""
     transformer_impl: str = "transformer_engine"
-    """transformer_engine (NVIDIA containers) or local (plain PyTorch layers)."""
+    """transformer_engine (NVIDIA containers) or local (plain PyTorch layers, with the
+    `LOCAL_LAYERS_ARGS` that need no TE or Apex kernel: what a pip install runs)."""
     extra_args: list = field(default_factory=list)
     """More Megatron-LM arguments, appended last."""
 
@@ -274,11 +275,29 @@ class TSTRecipe:
         if self.cpu:
             from nemo_tst.cpu import TRAINER_CPU_ARGS
 
-            args += TRAINER_CPU_ARGS
+            args += [*TRAINER_CPU_ARGS, *LOCAL_LAYERS_ARGS]
+        elif self.transformer_impl == "local":
+            args += [*LOCAL_LAYERS_ARGS, *self.precision.args]
         else:
             args += ["--transformer-impl", self.transformer_impl, *self.precision.args]
         if self.model.num_experts:
             # all-to-all needs CUDA streams; allgather also works over gloo.
             args += ["--moe-token-dispatcher-type", "allgather" if self.cpu else "alltoall"]
+            if self.transformer_impl == "transformer_engine" and not self.cpu:
+                # One grouped GEMM for a rank's experts and fused token permutation (both TE
+                # kernels), instead of a Python loop over the local experts.
+                args += ["--moe-grouped-gemm", "--moe-permute-fusion"]
         return [str(a) for a in args + list(self.extra_args)]
+
+
+LOCAL_LAYERS_ARGS = (
+    "--transformer-impl", "local", "--no-rope-fusion", "--no-gradient-accumulation-fusion",
+    "--no-masked-softmax-fusion", "--no-persist-layer-norm",
+)
+"""Megatron's plain-PyTorch layers with the kernels its defaults ask of Transformer Engine or
+Apex turned off: fused RoPE (TE), gradient-accumulation fusion (Apex's
+fused_weight_gradient_mlp_cuda, used by the output layer), the fused masked softmax (Apex
+kernels) and the persistent layer norm (Apex; torch's norm asserts it is off). On GPU and CPU
+alike (`training.arguments.check_runtime` names any of them left on where its kernel is
+missing)."""
 

@@ -19,13 +19,15 @@ import contextlib
 import math
 import os
 from pathlib import Path
+from typing import Optional
 
 from nemo_tst.core.plan import TSTPlan, check_plan
 from nemo_tst.core.settings import SettingError, SettingNames, TSTSettings
 from nemo_tst.superposition.config import MODES, WEIGHTINGS
 
 __all__ = [
-    "MEGATRON_NAMES", "PHASES", "add_tst_arguments", "check_runtime", "check_with_megatron", "help_text",
+    "MEGATRON_NAMES", "PHASES", "add_tst_arguments", "check_runtime", "check_unsupported_arguments",
+    "check_with_megatron", "help_text", "import_problem",
     "plan_from_args",
     "settings_argv", "settings_from_args",
 ]
@@ -132,6 +134,7 @@ def plan_from_args(args: argparse.Namespace) -> TSTPlan:
     Raises ValueError naming the setting and the fix, before any model or data is built.
     """
     settings = settings_from_args(args)
+    check_unsupported_arguments(args)
     if not args.train_iters:
         raise ValueError(
             "TST plans in iterations: set --train-iters (sample-based --train-samples is not "
@@ -200,11 +203,72 @@ def plan_from_args(args: argparse.Namespace) -> TSTPlan:
     return plan
 
 
-def check_runtime(args: argparse.Namespace) -> None:
-    """What this machine must provide for the arguments: Transformer Engine for FP8 and the TE
-    layer implementation, a Blackwell GPU for MXFP8. Run where the job runs, before launch."""
-    import importlib.util
+def import_problem(module: str) -> Optional[str]:
+    """None when `module` imports here, else why not ("ImportError: ..."). Importing, not
+    finding: an installed package whose compiled extension cannot load (a Transformer Engine
+    built for another torch or CUDA) is found by `importlib.util.find_spec` and still fails."""
+    import importlib
 
+    try:
+        importlib.import_module(module)
+    except Exception as err:  # ImportError, OSError from a shared library, RuntimeError ...
+        return f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+    return None
+
+
+# Model options Megatron-LM's own GPT builder honours and `pretrain.model_provider` does not
+# build: (attribute, flag, what it asks for).
+_MODEL_OPTIONS_NOT_BUILT = (
+    ("multi_latent_attention", "--multi-latent-attention", "multi-latent attention (MLA)"),
+    ("qk_l2_norm", "--qk-l2-norm", "QK L2 normalisation"),
+    ("use_transformer_engine_op_fuser", "--use-transformer-engine-op-fuser", "Transformer Engine's op fuser"),
+    ("experimental_attention_variant", "--experimental-attention-variant", "an experimental attention variant"),
+    ("heterogeneous_layers_config_path", "--heterogeneous-layers-config-path", "heterogeneous layers"),
+    ("heterogeneous_layers_config_encoded_json", "--heterogeneous-layers-config-encoded-json",
+     "heterogeneous layers"),
+    ("spec", "--spec", "a custom layer spec"),
+)
+
+
+def check_unsupported_arguments(args: argparse.Namespace) -> None:
+    """Megatron-LM arguments this trainer cannot honour, refused with the reason and the fix
+    (the Megatron-Bridge adapter refuses the same settings in Bridge's terms)."""
+    for attr, flag, what in _MODEL_OPTIONS_NOT_BUILT:
+        if getattr(args, attr, None):
+            raise ValueError(
+                f"{flag}: the TST model builder (nemo_tst.training.pretrain.model_provider) builds "
+                f"Llama/Qwen-style GPT and MoE layers and does not build {what}; remove {flag}"
+            )
+    loader = getattr(args, "dataloader_type", None)
+    if loader not in (None, "single"):
+        raise ValueError(
+            f"--dataloader-type {loader}: a sample's phase is its position in the data stream, "
+            "which only Megatron's sequential sampler keeps (any other loader mixes phase-1 and "
+            "phase-2 samples in one micro-batch); use --dataloader-type single (the default)"
+        )
+    graphs = [getattr(args, "cuda_graph_impl", None), *(getattr(args, "cuda_graph_modules", None) or []),
+              *(getattr(args, "cuda_graph_scope_deprecated", None) or [])]
+    if any("full_iteration" in str(g) for g in graphs if g is not None):
+        raise ValueError(
+            "full-iteration CUDA graphs (--cuda-graph-impl full_iteration) capture the whole "
+            "step, and a TST step branches on the phase and checks the loss on the host; use "
+            "per-layer graphs (--cuda-graph-impl local or transformer_engine) or none"
+        )
+    for attr, flag in (("reset_position_ids", "--reset-position-ids"),
+                       ("reset_attention_mask", "--reset-attention-mask")):
+        if getattr(args, attr, False):
+            raise ValueError(
+                f"{flag} is not supported with TST: phase-1 positions are latent positions "
+                f"0..L-1 over bags that may span documents; remove {flag}"
+            )
+
+
+def check_runtime(args: argparse.Namespace) -> None:
+    """What this machine must provide for the arguments, checked where the job runs, before
+    launch: Transformer Engine (importable, not merely installed) for FP8 and the TE layers, a
+    Blackwell GPU for MXFP8, the TE or Apex kernel behind each fusion Megatron's defaults turn
+    on, a C compiler for the functions Megatron compiles at start-up, and a GPU unless the run
+    is on CPU (`--tst-cpu`)."""
     import torch
 
     if args.fp8 and getattr(args, "fp8_recipe", None) == "mxfp8":
@@ -216,28 +280,87 @@ def check_runtime(args: argparse.Namespace) -> None:
                 f"found {found}: use --fp8-recipe delayed or tensorwise on Hopper "
                 "(recipes: precision=fp8_delayed or fp8_current)"
             )
+    te_problem = import_problem("transformer_engine.pytorch")
     wants_te = args.transformer_impl == "transformer_engine"
-    if (args.fp8 or wants_te) and importlib.util.find_spec("transformer_engine") is None:
+    if (args.fp8 or wants_te) and te_problem:
         asked = (f"--fp8-format {args.fp8}" if args.fp8 else "--transformer-impl transformer_engine")
         raise ValueError(
-            f"{asked} needs Transformer Engine, which is not installed here: run in NVIDIA's "
-            "NeMo or PyTorch container (docker/), install nemo-tst[te], or use bf16 with "
-            "--transformer-impl local (recipes: precision=bf16 transformer_impl=local)"
+            f"{asked} needs Transformer Engine, which does not import here ({te_problem}): run "
+            "in NVIDIA's NeMo or PyTorch container (docker/), install nemo-tst[te] for this torch "
+            "and CUDA, or use bf16 with --transformer-impl local (recipes: precision=bf16 "
+            "transformer_impl=local)"
         )
-    if not getattr(args, "tst_cpu", False) and not torch.cuda.is_available():
+    _check_fusion_kernels(args, te_problem)
+    on_cpu = getattr(args, "tst_cpu", False)
+    if not on_cpu and not torch.cuda.is_available():
         raise ValueError(
             "this machine has no CUDA GPU, which Megatron-LM needs unless it runs on CPU: add "
             "--tst-cpu (gloo, plain PyTorch layers: slow, for tests and demos; recipes: cpu=true), "
             "or run where a GPU is"
         )
+    if not on_cpu and _c_compiler() is None:
+        raise ValueError(
+            "no C compiler found (cc, gcc, clang or $CC): Megatron-LM compiles its fused "
+            "bias-activation and bias-dropout functions with torch.compile when it starts, and "
+            "triton builds its GPU launcher with the host C compiler; install one (e.g. "
+            "`apt-get install gcc`) or set CC"
+        )
+
+
+def _check_fusion_kernels(args: argparse.Namespace, te_problem: Optional[str]) -> None:
+    """Each fusion Megatron's defaults turn on whose kernel does not import here, refused in one
+    line naming every flag that turns one off (`nemo_tst.recipes.config.LOCAL_LAYERS_ARGS` holds
+    them all)."""
+    local = args.transformer_impl == "local"
+    apex_problem = import_problem("apex") if local else None
+    unfused_attention = local and getattr(args, "tst_attention", "sdpa") == "unfused"
+    missing = []  # (flag, what needs the kernel)
+    if getattr(args, "apply_rope_fusion", False) and te_problem:
+        missing.append(("--no-rope-fusion", "fused RoPE needs Transformer Engine"))
+    if getattr(args, "gradient_accumulation_fusion", False) and import_problem("fused_weight_gradient_mlp_cuda"):
+        missing.append(("--no-gradient-accumulation-fusion",
+                        "gradient-accumulation fusion needs Apex's fused_weight_gradient_mlp_cuda "
+                        "(the output layer uses it whatever --transformer-impl is)"))
+    # Megatron's parser gives `no_persist_layer_norm`; its validation derives persist_layer_norm.
+    persist = getattr(args, "persist_layer_norm", not getattr(args, "no_persist_layer_norm", True))
+    if local and persist and apex_problem:
+        missing.append(("--no-persist-layer-norm",
+                        "the persistent layer norm needs Apex (torch's norm refuses it)"))
+    if unfused_attention and getattr(args, "masked_softmax_fusion", False) and \
+            import_problem("scaled_masked_softmax_cuda"):
+        missing.append(("--no-masked-softmax-fusion",
+                        "the fused masked softmax needs Megatron's/Apex's CUDA softmax kernels"))
+    if missing:
+        raise ValueError(
+            f"{'; '.join(why for _, why in missing)}, and they do not import here: add "
+            f"{' '.join(flag for flag, _ in missing)} (or run where Transformer Engine and Apex "
+            "are installed, e.g. NVIDIA's NeMo container)"
+        )
+    if local and args.sequence_parallel and apex_problem:
+        raise ValueError(
+            "--sequence-parallel with --transformer-impl local needs Apex's FusedLayerNorm "
+            "(torch's norm in Megatron's local layers does not support sequence parallel), "
+            "which does not import here: drop --sequence-parallel or use --transformer-impl "
+            "transformer_engine"
+        )
+
+
+def _c_compiler() -> Optional[str]:
+    import shutil
+
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
 
 
 def check_with_megatron(args: argparse.Namespace, world_size: int) -> None:
     """Megatron-LM's own `validate_args`, run here on a copy, before any launch: whatever
     Megatron would refuse inside every rank (a NaN or negative LR, --min-lr above --lr, a
     zero micro-batch, ...) is refused now, with the rule Megatron checks. Its notices go
-    nowhere. Without CUDA on this machine (the job may run elsewhere), the one question
-    validation asks of the GPU, its architecture, is answered "none" (0)."""
+    nowhere. Without CUDA on this machine (the job may run elsewhere), the questions validation
+    asks of the GPU are left to the ranks: its architecture is answered "none" (0), and the
+    grouped-GEMM compute-capability check is skipped."""
     import copy
     import io
     import traceback
@@ -251,6 +374,7 @@ def check_with_megatron(args: argparse.Namespace, world_size: int) -> None:
     stub = contextlib.nullcontext()
     if not torch.cuda.is_available():
         stub = _replaced(megatron_arguments, "get_device_arch_version", lambda: 0)
+        trial.moe_grouped_gemm = False  # its check reads the GPU's compute capability
     # What the driver's launches set for every rank (Megatron checks it under TP or CP).
     environment = _replaced(os, "environ", dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1"))
     try:

@@ -170,7 +170,10 @@ def resolve_phase_start(args, plan: TSTPlan) -> Optional[str]:
     load, nothing_to_do = run_dir.phase_start(plan, phase, own, Path(handoff) if handoff else None)
     if nothing_to_do:
         return nothing_to_do
-    _, damaged = run_dir.usable_checkpoint(load)
+    # Only global rank 0 reads the checkpoint's metadata (a shared file system serves one
+    # reader, not every rank); a damaged checkpoint stops it, and the launcher (torchrun, srun)
+    # then ends the others.
+    damaged = run_dir.usable_checkpoint(load)[1] if os.environ.get("RANK", "0") == "0" else []
     if damaged:  # ranks do not repair (they run at once): the driver does, before it launches
         raise ValueError(
             f"the latest checkpoint in {load} is damaged ({'; '.join(damaged)}): run `nemo-tst "
@@ -410,6 +413,14 @@ def check_before_launch(argv: list[str], args, plan: TSTPlan, nproc: int) -> lis
     return fallbacks
 
 
+FP8_DELAYED_NOTE = (
+    "FP8 delayed scaling (--fp8-recipe delayed) scales each GEMM from the amax history of up to "
+    "--fp8-amax-history-len earlier steps, and phase 2 inherits phase 1's history although its "
+    "activations and gradients differ; per-tensor current scaling (--fp8-recipe tensorwise; "
+    "recipes: precision=fp8_current) keeps no history and is the recommended FP8 recipe for TST"
+)
+
+
 def run(argv: list[str], *, nproc: int = 1, log_file: Optional[Path] = None, on_line=None,
         say=None, env: Optional[dict] = None) -> TSTPlan:
     """Plan, validate, then run (or resume) the phases still to do, one launch each.
@@ -431,6 +442,8 @@ def run(argv: list[str], *, nproc: int = 1, log_file: Optional[Path] = None, on_
         args = parse_megatron_args(argv)
     plan = plan_from_args(args)
     fallbacks = check_before_launch(argv, args, plan, nproc)
+    if args.fp8 and getattr(args, "fp8_recipe", None) == "delayed" and 1 in run_phases(plan):
+        say(f"[nemo-tst] note: {FP8_DELAYED_NOTE}")
     save = Path(args.save)
     # The first writes, after every check: the lock (held over all launches), then the claim.
     with run_dir.RunLock(save).acquire(MEGATRON_NAMES):
@@ -451,6 +464,8 @@ def _launch_phases(commands, plan: TSTPlan, save: Path, nproc: int, log_file, on
         say(f"[nemo-tst] {NO_PHASE1_AT_S1}")
     launch_env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1", PYTHONUNBUFFERED="1",
                       **{run_dir.LOCK_HELD_ENV: str(save)}, **(env or {}))
+    if args.tst_cpu:  # a CPU run on a machine with GPUs: its ranks see none
+        launch_env["CUDA_VISIBLE_DEVICES"] = ""
     for phase, extra in commands:
         cmd, rank_env = launch_command(nproc, extra)
         last = plan.train_iters if phase == 2 else plan.phase1_iters

@@ -37,10 +37,17 @@ def _early_options(argv: list[str]):
 
 
 def _enable_cpu_if_requested(argv: list[str]) -> None:
-    """`--tst-cpu`: patch Megatron for CPU and gloo (nemo_tst/cpu.py)."""
+    """`--tst-cpu`: patch Megatron for CPU and gloo (nemo_tst/cpu.py). A rank that sees a GPU
+    refuses: the CPU stand-ins would run beside a real CUDA runtime, a mix nothing tests
+    (`nemo-tst pretrain --tst-cpu` hides the GPUs from its ranks)."""
     wanted = _early_options(argv)
     if not wanted.tst_cpu:
         return
+    if torch.cuda.is_available():
+        raise ValueError(
+            "--tst-cpu runs Megatron on CPU, but this rank sees a CUDA GPU: hide it "
+            "(CUDA_VISIBLE_DEVICES= ) to train on CPU, or drop --tst-cpu to train on the GPU"
+        )
     from nemo_tst import cpu
 
     if wanted.tokenizer_type == "NullTokenizer" and "transformers" not in sys.modules:
@@ -212,6 +219,9 @@ def main(argv: list[str] | None = None) -> None:
 
         print(help_text("python -m nemo_tst.training.pretrain", megatron=True))
         return
+    from nemo_tst.megatron_fixes import apply_megatron_fixes
+
+    apply_megatron_fixes()
     _enable_cpu_if_requested(argv)
 
     from megatron.core.enums import ModelType
