@@ -134,6 +134,10 @@ BAD_INPUTS = {
     "heterogeneous layers, likewise": (["--heterogeneous-layers-config-path", "/x.json"],
                                        "remove --heterogeneous-layers-config-path"),
     "document-reset positions": (["--reset-position-ids"], "--reset-position-ids is not supported"),
+    "MoE communication overlap": (["--overlap-moe-expert-parallel-comm"], "remove it"),
+    "fine-tuning instead of resuming": (["--finetune"], "--finetune loads weights only"),
+    "phase 2 without the optimizer": (["--no-load-optim"], "--no-load-optim skips the optimizer"),
+    "a pinned checkpoint step": (["--ckpt-step", "3"], "remove --ckpt-step"),
     # Fusions Megatron's defaults turn on, whose TE / Apex kernels this machine lacks.
     "gradient-accumulation fusion without Apex": (["--no-gradient-accumulation-fusion", None],
                                                   "add --no-gradient-accumulation-fusion"),

@@ -254,6 +254,23 @@ def check_unsupported_arguments(args: argparse.Namespace) -> None:
             "step, and a TST step branches on the phase and checks the loss on the host; use "
             "per-layer graphs (--cuda-graph-impl local or transformer_engine) or none"
         )
+    if getattr(args, "overlap_moe_expert_parallel_comm", False):
+        raise ValueError(
+            "--overlap-moe-expert-parallel-comm builds its schedule plan from token ids, which "
+            "phase 1 does not embed one by one; remove it"
+        )
+    resume = (("finetune", "--finetune", "loads weights only and restarts at iteration 0"),
+              ("pretrained_checkpoint", "--pretrained-checkpoint", "loads weights only and restarts at iteration 0"),
+              ("no_load_optim", "--no-load-optim", "skips the optimizer and the LR schedule (the LR warms up again)"),
+              ("no_save_optim", "--no-save-optim", "leaves the optimizer out of phase 1's checkpoint"),
+              ("ckpt_step", "--ckpt-step", "pins the iteration loaded"),
+              ("non_persistent_ckpt_type", "--non-persistent-ckpt-type", "writes checkpoints the phases do not track"))
+    for attr, flag, why in resume:
+        if getattr(args, attr, None):
+            raise ValueError(
+                f"{flag} {why}, but phase 2 resumes phase 1's weights, optimizer, LR schedule "
+                f"and iteration (and a rerun resumes the latest checkpoint); remove {flag}"
+            )
     for attr, flag in (("reset_position_ids", "--reset-position-ids"),
                        ("reset_attention_mask", "--reset-attention-mask")):
         if getattr(args, attr, False):
