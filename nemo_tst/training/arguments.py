@@ -260,7 +260,6 @@ def check_unsupported_arguments(args: argparse.Namespace) -> None:
             "phase 1 does not embed one by one; remove it"
         )
     resume = (("finetune", "--finetune", "loads weights only and restarts at iteration 0"),
-              ("pretrained_checkpoint", "--pretrained-checkpoint", "loads weights only and restarts at iteration 0"),
               ("no_load_optim", "--no-load-optim", "skips the optimizer and the LR schedule (the LR warms up again)"),
               ("no_save_optim", "--no-save-optim", "leaves the optimizer out of phase 1's checkpoint"),
               ("ckpt_step", "--ckpt-step", "pins the iteration loaded"),
