@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_model import BATCH, L, VOCAB, build, tiny_config
+from tests.test_model import BATCH, L, VOCAB, build
 
 PACKAGE = Path(__file__).resolve().parents[1] / "nemo_tst"
 

@@ -52,9 +52,10 @@ import torch
 from nemo_tst.core.plan import TSTPlan
 
 __all__ = [
-    "TSTTrainDataset", "batch_device", "corpus_shortfall", "item_sequence_length", "items_needed", "phase2_item_and_piece",
-    "pieces_per_item",
+    "TSTTrainDataset", "batch_device", "corpus_shortfall", "item_sequence_length", "items_needed",
+    "phase2_item_and_piece", "pieces_per_item",
 ]
+
 
 def batch_device(model) -> torch.device:
     """Where a rank's micro-batch lives: with the model's parameters, the device its collectives
