@@ -624,6 +624,10 @@ _run_passing_as_cuda(
     # `.cuda()` on the loaded shards (--ckpt-fully-parallel-load)
     "megatron.core.dist_checkpointing.exchange_utils:exchange_loaded_tensors_gather_rounds",
     "megatron.core.dist_checkpointing.exchange_utils:exchange_loaded_tensors_broadcast",
+    # `.cuda()` on the per-parameter hashes (--check-weight-hash-across-dp-replicas-interval);
+    # training.py imports it by name
+    "megatron.core.utils:check_param_hashes_across_dp_replicas",
+    "megatron.training.training:check_param_hashes_across_dp_replicas",
     trainer=True,
 )
 

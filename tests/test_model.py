@@ -118,6 +118,36 @@ def test_phase1_forward_is_bag_means_through_the_vanilla_model(single_rank, s):
         torch.testing.assert_close(grads[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("s", [1, 4])
+def test_phase1_embeds_with_what_the_tables_forward_pre_hook_delivers(single_rank, s):
+    """Megatron's DDP with --overlap-param-gather finishes a module's parameter all-gather in a
+    forward pre-hook on that module. Phase 1 must call the word-embedding table so that hook
+    runs: here the table starts stale (zeros) and a pre-hook on it writes the gathered weights,
+    as DDP's does; the loss must be the one of the model built with those weights."""
+    from nemo_tst import SuperpositionEmbedding
+
+    cfg, batch = phase1_batch(s)
+    want = phase1_loss(build(), cfg, batch)
+
+    model = build()
+    assert type(model.embedding) is SuperpositionEmbedding
+    table = model.embedding.word_embeddings
+    gathered = table.weight.detach().clone()
+    with torch.no_grad():
+        table.weight.zero_()
+    calls = []
+
+    def finish_param_gather(module, args):
+        calls.append(tuple(args[0].shape))
+        with torch.no_grad():
+            module.weight.copy_(gathered)
+
+    table.register_forward_pre_hook(finish_param_gather)
+    loss = phase1_loss(model, cfg, batch)
+    assert calls == [(BATCH, L * s)]
+    assert torch.equal(loss, want)
+
+
 def test_s1_phase1_equals_vanilla_training_bit_for_bit(single_rank):
     tst, vanilla = build(), build("GPTModel")
     cfg, batch = phase1_batch(1)

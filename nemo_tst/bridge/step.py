@@ -6,7 +6,8 @@ from functools import partial
 
 from nemo_tst.bridge.checks import check_phase_iteration, require_bridge
 from nemo_tst.core.context_parallel import split_for_context_parallel
-from nemo_tst.core.loss import check_finite_loss, phase1_loss_terms
+from nemo_tst.core.data import batch_device
+from nemo_tst.core.loss import check_finite_loss, phase1_loss_terms, phase1_target_weights
 
 __all__ = ["tst_forward_step"]
 
@@ -99,8 +100,9 @@ def tst_forward_step(state: "GlobalState", data_iterator, model, return_schedule
 
     timers = state.timers
     timers("batch-generator", log_level=2).start()
-    text = batch["text"].cuda(non_blocking=True).long()
-    loss_mask = batch["loss_mask"].cuda(non_blocking=True).float()
+    device = batch_device(model)
+    text = batch["text"].to(device=device, dtype=torch.int64, non_blocking=True)
+    loss_mask = batch["loss_mask"].to(device=device, dtype=torch.float32, non_blocking=True)
     tst = make_superposition_batch(text, config, loss_mask=loss_mask, eod_id=eod_id)
     timers("batch-generator").stop()
     # FLOPs: the transformer runs on L latent positions.
@@ -124,7 +126,7 @@ def tst_forward_step(state: "GlobalState", data_iterator, model, return_schedule
             attention_mask=None,
             labels=inputs["targets"],
         )
-    weights = torch.tensor(config.weights(), dtype=torch.float32, device=inputs["target_mask"].device)
+    weights = phase1_target_weights(config.weights(), inputs["target_mask"].device)
     rerun_cfg = state.cfg.rerun_state_machine
     loss_func = partial(
         phase1_loss_func,

@@ -2,7 +2,8 @@
 
     settings         TSTSettings, the one settings type, and SettingNames for errors
     plan             TSTPlan (where phase 1 ends, text per step) and check_plan
-    data             both phases' samples over one token stream (Megatron's GPTDataset items)
+    data             both phases' samples over one token stream (Megatron's GPTDataset items),
+                     and the device a rank's batch lives on
     loss             both phases' losses in the trainers' contract, the non-finite check
     context_parallel the zig-zag split of latent positions
     run_dir          a run directory: which phase, which iteration, load from where

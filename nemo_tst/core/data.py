@@ -52,9 +52,17 @@ import torch
 from nemo_tst.core.plan import TSTPlan
 
 __all__ = [
-    "TSTTrainDataset", "corpus_shortfall", "item_sequence_length", "items_needed", "phase2_item_and_piece",
-    "pieces_per_item",
+    "TSTTrainDataset", "batch_device", "corpus_shortfall", "item_sequence_length", "items_needed",
+    "phase2_item_and_piece", "pieces_per_item",
 ]
+
+
+def batch_device(model) -> torch.device:
+    """Where a rank's micro-batch lives: with the model's parameters, the device its collectives
+    run on (NCCL takes only tensors there). TP ranks that read no data allocate their copy of
+    the batch there too."""
+    return next(model.parameters()).device
+
 
 def pieces_per_item(plan: TSTPlan) -> int:
     """Phase-2 samples (L + 1 tokens each) per item; an item also holds one phase-1 sample."""
@@ -148,5 +156,5 @@ class TSTTrainDataset(torch.utils.data.Dataset):
             "labels": torch.from_numpy(window[1:].copy()),
             # loss_mask[p] is the mask of predicting text[p + 1]
             "loss_mask": torch.from_numpy(loss_mask[start : start + L].copy()),
-            "position_ids": torch.arange(L, dtype=torch.int64),
+            "position_ids": torch.arange(L, dtype=torch.int64, device="cpu"),  # a host sample
         }

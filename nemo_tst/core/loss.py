@@ -5,13 +5,26 @@ Megatron-LM's trainer and Megatron-Bridge take the same contract from a loss fun
 micro-batches and data-parallel ranks, and each report entry is a [sum, count] pair.
 """
 
+import functools
 from typing import Optional
 
 import torch
 
 from nemo_tst.superposition import reduce_multi_hot_loss
 
-__all__ = ["check_finite_loss", "phase1_loss_terms", "phase2_loss_terms"]
+__all__ = ["check_finite_loss", "phase1_loss_terms", "phase1_target_weights", "phase2_loss_terms"]
+
+
+@functools.lru_cache(maxsize=16)
+def _target_weights(weights: tuple, device: torch.device) -> torch.Tensor:
+    return torch.tensor(weights, dtype=torch.float32, device=device)
+
+
+def phase1_target_weights(weights, device) -> torch.Tensor:
+    """The k target weights as a float32 [k] tensor on `device`, one tensor per (weights,
+    device): forward steps ask for it every micro-batch, and making it anew on a GPU is a
+    host-to-device copy each time. Read-only: every caller shares it."""
+    return _target_weights(tuple(float(w) for w in weights), torch.device(device))
 
 
 def phase1_loss_terms(target_mask, target_weights, output_tensor):

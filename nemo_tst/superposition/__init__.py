@@ -9,7 +9,11 @@ from nemo_tst.superposition.bags import (
     num_latent_positions,
 )
 from nemo_tst.superposition.config import SuperpositionConfig
-from nemo_tst.superposition.embedding import SuperpositionEmbedding, bag_mean_vocab_parallel_lookup
+from nemo_tst.superposition.embedding import (
+    BagMeanVocabParallelEmbedding,
+    SuperpositionEmbedding,
+    bag_mean_vocab_parallel_lookup,
+)
 from nemo_tst.superposition.loss import multi_hot_cross_entropy, reduce_multi_hot_loss
 from nemo_tst.superposition.model import (
     SuperpositionModelMixin,
@@ -21,6 +25,7 @@ from nemo_tst.superposition.model import (
 )
 
 __all__ = [
+    "BagMeanVocabParallelEmbedding",
     "SuperpositionBatch",
     "SuperpositionConfig",
     "SuperpositionEmbedding",

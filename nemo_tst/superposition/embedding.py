@@ -12,6 +12,11 @@ exactly as `VocabParallelEmbedding` does) and averages the bags of its partial r
 the TP reduction. Averaging is linear, so this equals reduce-then-average, but the
 all-reduce (or the reduce-scatter under sequence parallel) moves L rows instead of s*L.
 
+The bag mean is the forward of the word-embedding module itself (`BagMeanVocabParallelEmbedding`,
+the table's class swapped in place), never a read of its `.weight` from outside: Megatron's DDP
+with --overlap-param-gather registers a forward pre-hook on every module that waits for that
+module's own parameters' all-gather, and only a call of the module runs it.
+
 After the bag mean everything follows `LanguageModelEmbedding.forward` of megatron-core 0.19:
 learned absolute positions (one per latent position), [b, L, h] -> [L, b, h], MuP scaling,
 fp32 residual, dropout with the sequence-parallel scatter and RNG fork.
@@ -28,13 +33,16 @@ from megatron.core.models.common.embeddings.language_model_embedding import (
     LanguageModelEmbedding,
 )
 
-__all__ = ["SuperpositionEmbedding", "bag_mean_vocab_parallel_lookup"]
+__all__ = ["BagMeanVocabParallelEmbedding", "SuperpositionEmbedding", "bag_mean_vocab_parallel_lookup"]
 
 
 def bag_mean_vocab_parallel_lookup(
     word_embeddings: tensor_parallel.VocabParallelEmbedding, input_ids: Tensor, bag_size: int
 ) -> Tensor:
     """Bag means of a `VocabParallelEmbedding`, averaged before its TP reduction.
+
+    The forward of `BagMeanVocabParallelEmbedding`: call the module, not this function, in a
+    model (the module call runs the hooks Megatron's DDP put on the table).
 
     Args:
         word_embeddings: the (vocab-parallel) embedding table.
@@ -77,6 +85,36 @@ def bag_mean_vocab_parallel_lookup(
     return bags
 
 
+class BagMeanVocabParallelEmbedding(tensor_parallel.VocabParallelEmbedding):
+    """`VocabParallelEmbedding` whose forward also takes the bag size.
+
+    forward(input_ [b, n]) is `VocabParallelEmbedding.forward`, unchanged;
+    forward(input_ [b, L*s], bag_size=s) is `bag_mean_vocab_parallel_lookup`.
+    No parameter of its own: `SuperpositionEmbedding` swaps the class of the table it already
+    has, so the state-dict keys and the DDP hooks on the module stay those of the table.
+    """
+
+    @classmethod
+    def from_vocab_parallel(
+        cls, table: tensor_parallel.VocabParallelEmbedding
+    ) -> "BagMeanVocabParallelEmbedding":
+        """Make a built `VocabParallelEmbedding` this class, in place (only the class changes)."""
+        if type(table) is cls:
+            return table
+        if type(table) is not tensor_parallel.VocabParallelEmbedding:
+            raise TypeError(
+                f"cannot add superposition to a {type(table).__name__} word embedding: only "
+                "megatron-core's VocabParallelEmbedding is supported"
+            )
+        table.__class__ = cls
+        return table
+
+    def forward(self, input_: Tensor, bag_size: int = 1) -> Tensor:
+        if bag_size == 1:
+            return super().forward(input_)
+        return bag_mean_vocab_parallel_lookup(self, input_, bag_size)
+
+
 class SuperpositionEmbedding(LanguageModelEmbedding):
     """`LanguageModelEmbedding` that averages bags of `bag_size` tokens into latent positions.
 
@@ -92,15 +130,17 @@ class SuperpositionEmbedding(LanguageModelEmbedding):
 
     def __init__(self, *args, bag_size: int = 1, **kwargs):
         super().__init__(*args, **kwargs)
+        BagMeanVocabParallelEmbedding.from_vocab_parallel(self.word_embeddings)
         self.bag_size = bag_size
 
     @classmethod
     def to_superposition(cls, embedding: LanguageModelEmbedding) -> "SuperpositionEmbedding":
         """Make a built `LanguageModelEmbedding` a `SuperpositionEmbedding`, in place.
 
-        Only the class changes (the move `torch.distributed.fsdp.fully_shard` makes): no
-        parameter is allocated, initialised or renamed, so the model stays bit-identical to the
-        vanilla one built from the same seed. `bag_size` starts at 1 (vanilla behaviour).
+        Only the classes change (the move `torch.distributed.fsdp.fully_shard` makes), of the
+        embedding and of its word-embedding table: no parameter is allocated, initialised or
+        renamed, so the model stays bit-identical to the vanilla one built from the same seed.
+        `bag_size` starts at 1 (vanilla behaviour).
         """
         if type(embedding) is cls:
             return embedding
@@ -109,6 +149,7 @@ class SuperpositionEmbedding(LanguageModelEmbedding):
                 f"cannot add superposition to {type(embedding).__name__}: only megatron-core's "
                 "LanguageModelEmbedding is supported"
             )
+        BagMeanVocabParallelEmbedding.from_vocab_parallel(embedding.word_embeddings)
         embedding.__class__ = cls
         embedding.bag_size = 1
         return embedding
@@ -135,7 +176,7 @@ class SuperpositionEmbedding(LanguageModelEmbedding):
                 "tensor-parallel size"
             )
 
-        embeddings = bag_mean_vocab_parallel_lookup(self.word_embeddings, input_ids, s)
+        embeddings = self.word_embeddings(input_ids, bag_size=s)
         if self.add_position_embedding:
             if position_ids is None or position_ids.shape != (input_ids.size(0), L):
                 raise ValueError(

@@ -16,46 +16,71 @@ from typing import Optional
 
 import torch
 
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import parallel_state
 from megatron.core.rerun_state_machine import get_rerun_state_machine
 from megatron.core.utils import get_attr_wrapped_model
 from megatron.training import get_args
 from megatron.training.utils import is_first_or_last_pipeline_stage
 
 from nemo_tst.core.context_parallel import split_for_context_parallel
-from nemo_tst.core.loss import check_finite_loss, phase1_loss_terms, phase2_loss_terms
+from nemo_tst.core.data import batch_device
+from nemo_tst.core.loss import (
+    check_finite_loss,
+    phase1_loss_terms,
+    phase1_target_weights,
+    phase2_loss_terms,
+)
 from nemo_tst.core.plan import TSTPlan
 from nemo_tst.superposition import make_superposition_batch, set_superposition
 
 __all__ = ["ProgressLog", "forward_step", "get_batch", "phase1_loss_func", "phase2_loss_func"]
 
 
-def _broadcast_over_tp(batch: dict | None) -> dict:
-    """TP rank 0 read the batch; every TP rank gets the same tensors (shapes included)."""
+def _broadcast_over_tp(batch: dict | None, device: torch.device) -> dict:
+    """TP rank 0 read the batch; every TP rank gets the same tensors on `device` (NCCL, the
+    backend of Megatron's TP group on GPUs, takes only tensors on the rank's own device)."""
     tp_group = parallel_state.get_tensor_model_parallel_group()
     if tp_group.size() == 1:
         return batch
-    # Rank 0 tells the others which phase (hence which keys) this micro-batch is.
-    is_phase1 = torch.tensor([int(batch is not None and "text" in batch)], dtype=torch.int64)
     src = torch.distributed.get_process_group_ranks(tp_group)[0]
-    torch.distributed.broadcast(is_phase1, src, group=tp_group)
-    int_keys = ["text"] if is_phase1.item() else ["tokens", "labels", "position_ids"]
-    out = tensor_parallel.broadcast_data(int_keys, batch, torch.int64, tp_group=tp_group)
-    out.update(tensor_parallel.broadcast_data(["loss_mask"], batch, torch.float32, tp_group=tp_group))
-    return out
+    # Rank 0 tells the others the phase (hence the keys) and the shapes: every id tensor is
+    # [b, n], the loss mask [b, m] (phase 1's text holds one token more than its loss mask).
+    if tp_group.rank() == 0:
+        phase1 = "text" in batch
+        b, n = batch[_int_keys(phase1)[0]].shape
+        header = torch.tensor([int(phase1), b, n, batch["loss_mask"].size(1)], dtype=torch.int64,
+                              device=device)
+    else:
+        header = torch.empty(4, dtype=torch.int64, device=device)
+    torch.distributed.broadcast(header, src, group=tp_group)
+    if tp_group.rank() != 0:
+        phase1, b, n, m = header.tolist()
+        batch = {key: torch.empty(b, n, dtype=torch.int64, device=device) for key in _int_keys(phase1)}
+        batch["loss_mask"] = torch.empty(b, m, dtype=torch.float32, device=device)
+    for key in (*_int_keys(phase1), "loss_mask"):
+        torch.distributed.broadcast(batch[key], src, group=tp_group)
+    return batch
 
 
-def get_batch(data_iterator, vp_stage=None):
-    """The micro-batch on this rank, or None on stages that take no data."""
-    if not is_first_or_last_pipeline_stage(vp_stage):
+def _int_keys(phase1: bool) -> tuple[str, ...]:
+    return ("text",) if phase1 else ("tokens", "labels", "position_ids")
+
+
+def get_batch(data_iterator, model):
+    """The micro-batch on this rank, on the device of the model (chunk) it feeds, or None on
+    stages that take no data."""
+    if not is_first_or_last_pipeline_stage(get_attr_wrapped_model(model, "vp_stage")):
         return None
+    device = batch_device(model)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     batch = next(data_iterator) if tp_rank == 0 and data_iterator is not None else None
     if batch is not None:
-        batch = {k: v.to(torch.int64) if k != "loss_mask" else v.float() for k, v in batch.items()}
-        if torch.cuda.is_available():
-            batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
-    return _broadcast_over_tp(batch)
+        batch = {
+            k: v.to(device=device, dtype=torch.float32 if k == "loss_mask" else torch.int64,
+                    non_blocking=True)
+            for k, v in batch.items()
+        }
+    return _broadcast_over_tp(batch, device)
 
 
 def _slice_for_context_parallel(tensors: dict) -> dict:
@@ -126,12 +151,10 @@ def forward_step(data_iterator, model, *, plan: TSTPlan, eod_id: Optional[int],
     Bind `plan`, `eod_id` and `progress` with functools.partial; they stay out of Megatron's
     args because those are pickled into every checkpoint, which must load without nemo_tst.
     """
-    args = get_args()
-    vp_stage = get_attr_wrapped_model(model, "vp_stage")
-    batch = get_batch(data_iterator, vp_stage)
+    batch = get_batch(data_iterator, model)
     config = plan.superposition
     if progress is not None:
-        progress(args, model)
+        progress(get_args(), model)
 
     phase1 = batch is not None and "text" in batch
     if batch is None:
@@ -149,7 +172,7 @@ def forward_step(data_iterator, model, *, plan: TSTPlan, eod_id: Optional[int],
              "targets": tst.targets, "target_mask": tst.target_mask}
         )
         output = model(inputs["input_ids"], inputs["position_ids"], None, labels=inputs["targets"])
-        weights = torch.tensor(config.weights(), device=inputs["target_mask"].device)
+        weights = phase1_target_weights(config.weights(), inputs["target_mask"].device)
         return output, partial(phase1_loss_func, inputs["target_mask"], weights)
 
     set_superposition(model, None)
