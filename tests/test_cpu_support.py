@@ -281,6 +281,8 @@ CPU_PATCH_REASONS = {
         "megatron.core.optimizer.optimizer:Float16OptimizerWithFloat16Params.__init__",
         "megatron.core.dist_checkpointing.exchange_utils:exchange_loaded_tensors_gather_rounds",
         "megatron.core.dist_checkpointing.exchange_utils:exchange_loaded_tensors_broadcast",
+        "megatron.core.utils:check_param_hashes_across_dp_replicas",
+        "megatron.training.training:check_param_hashes_across_dp_replicas",
     )},
 }
 
