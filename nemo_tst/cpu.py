@@ -29,6 +29,8 @@ USAGE, MODEL LEVEL (build a GPTModel and run forward/backward on CPU; TP/PP/EP o
   use `add_bias_linear=False` for MoE.
 - PP>1: pass `pipeline_dtype` in the config and run Megatron's schedule
   (`get_forward_backward_func()`), as on GPU; p2p over gloo works.
+- HybridModel: give it a spec of local layers (Megatron's own hybrid specs are TE layers); its
+  final norm, which HybridStack builds with TE's `TENorm` whatever the spec, is torch's norm.
 
 USAGE, TRAINER LEVEL (`megatron.training.pretrain`)::
 
@@ -462,6 +464,29 @@ _run_passing_as_cuda(
     "megatron.core.tensor_parallel.data:broadcast_data",
     "megatron.core.tensor_parallel:broadcast_data",
 )
+
+
+# -- HybridStack's final norm without Transformer Engine ---------------------------------------
+
+_HAVE_TE = _relies_on("megatron.core.extensions.transformer_engine:HAVE_TE")
+_relies_on("megatron.core.transformer.torch_norm:WrappedTorchNorm")
+
+
+def _without_te() -> bool:
+    return not _megatron_attr(_HAVE_TE)
+
+
+@_replace("megatron.core.models.hybrid.hybrid_block:TENorm", when=_without_te)
+def _te_norm_stand_in(config, hidden_size, eps=1e-5, has_residual=False):
+    """Stand-in for an absent Transformer Engine's `TENorm`, which `HybridStack` builds its
+    final norm with whatever the layer spec says (so a HybridModel cannot be built without TE):
+    Megatron's own TE-free `WrappedTorchNorm`, torch's LayerNorm or RMSNorm as
+    config.normalization says, with the same eps. Its parameter is `weight` (and `bias` for
+    LayerNorm), the names TENorm's parameters have. `has_residual` asks TE to fuse the
+    residual add into the norm, which the final norm never does."""
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    return WrappedTorchNorm(config=config, hidden_size=hidden_size, eps=eps)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""TSTGPTModel: phase-1 wiring against a hand-built reference, TP=2, MoE EP=2, vanilla reload."""
+"""TSTGPTModel: phase-1 wiring against a hand-built reference, TP=2, MoE EP=2, vanilla reload
+(TSTHybridModel: tests/test_hybrid.py)."""
 
 
 import pytest
@@ -273,35 +274,3 @@ def test_moe_expert_parallel_2_runs_phase1_and_matches_ep1(single_rank, tmp_path
     assert torch.isfinite(loss)
     torch.testing.assert_close(ep2["loss"], loss.detach(), atol=1e-5, rtol=0)
     torch.testing.assert_close(ep2["router_grad"], router_grad, atol=1e-5, rtol=1e-4)
-
-
-def _have_transformer_engine() -> bool:
-    from megatron.core.extensions.transformer_engine import HAVE_TE
-
-    return HAVE_TE
-
-
-@pytest.mark.skipif(not _have_transformer_engine(),
-                    reason="megatron-core's HybridStack builds its final norm with Transformer Engine")
-def test_hybrid_model_phase1_matches_bag_means_through_the_vanilla_model(single_rank):
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules
-    from megatron.core.transformer.spec_utils import ModuleSpec
-
-    from nemo_tst import TSTHybridModel, set_superposition
-
-    spec = ModuleSpec(module=HybridStack,
-                      submodules=HybridStackSubmodules(attention_layer=get_gpt_layer_local_spec()))
-    torch.manual_seed(0)
-    model = TSTHybridModel(tiny_config(), spec, vocab_size=VOCAB, max_sequence_length=64,
-                           hybrid_layer_pattern="**", position_embedding_type="rope")
-    cfg, batch = phase1_batch(4)
-    loss = phase1_loss(model, cfg, batch)
-
-    set_superposition(model, None)
-    weight = model.embedding.word_embeddings.weight
-    bag_means = weight[batch.input_ids.view(BATCH, L, 4)].mean(2)
-    logits = model(None, None, causal_mask(L), decoder_input=bag_means.transpose(0, 1))
-    want = torch.stack([F.cross_entropy(logits.reshape(-1, VOCAB), batch.targets[..., j].reshape(-1))
-                        for j in range(4)]).mean()
-    torch.testing.assert_close(loss, want, atol=1e-5, rtol=0)

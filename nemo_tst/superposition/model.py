@@ -21,12 +21,22 @@ Phase-1 forward contract (the trainer's forward_step builds it with `make_superp
 The transformer runs on L positions (RoPE positions 0..L-1, taken from the embedded length),
 so pipeline send/recv shapes are those of sequence length L. Multi-token prediction re-embeds
 shifted ids through the embedding and is refused in phase 1.
+
+A `TSTHybridModel` needs a `HybridStack` spec. Megatron's own (`hybrid_layer_specs.
+hybrid_stack_spec`) is built of Transformer Engine layers; `hybrid_stack_spec_from_gpt_layer`
+makes one from any GPT layer spec (local, SDPA or TE) for the layer patterns of a plain
+transformer, attention (`*`) and MLP (`-`) layers, e.g. "*-*-" for a two-layer GPT.
 """
 
 from typing import Optional
 
 from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules
+from megatron.core.models.hybrid.hybrid_layer_allocation import Symbols, get_hybrid_layer_counts
 from megatron.core.models.hybrid.hybrid_model import HybridModel
+from megatron.core.ssm.mlp_layer import MLPLayer
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from torch import Tensor
 
 from nemo_tst.superposition.config import SuperpositionConfig
@@ -34,7 +44,8 @@ from nemo_tst.superposition.embedding import SuperpositionEmbedding
 from nemo_tst.superposition.loss import multi_hot_cross_entropy
 
 __all__ = [
-    "SuperpositionModelMixin", "TSTGPTModel", "TSTHybridModel", "as_tst_model", "set_superposition", "tst_module",
+    "SuperpositionModelMixin", "TSTGPTModel", "TSTHybridModel", "as_tst_model", "check_transformer_pattern",
+    "hybrid_stack_spec_from_gpt_layer", "set_superposition", "tst_module",
 ]
 
 
@@ -93,6 +104,65 @@ class TSTHybridModel(SuperpositionModelMixin, HybridModel):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._add_superposition()
+
+
+TRANSFORMER_LAYER_SYMBOLS = (Symbols.ATTENTION, Symbols.MLP)
+"""The hybrid layer types of a plain transformer: what `hybrid_stack_spec_from_gpt_layer` builds."""
+
+
+def hybrid_stack_spec_from_gpt_layer(layer_spec: ModuleSpec) -> ModuleSpec:
+    """A `HybridStack` spec whose attention (`*`) and MLP (`-`) layers are the two halves of the
+    GPT `TransformerLayer` spec `layer_spec` (e.g. `get_gpt_layer_local_spec(...)`), so that the
+    pattern "*-" * n builds the same layers as an n-layer GPTModel, two hybrid layers per GPT
+    layer. Other layer types are left out: check the pattern with `check_transformer_pattern`.
+
+    Each half keeps the part of the GPT layer's checkpoint key map that names its norm: with a
+    local spec the norms are saved under the names of the TE layers they are fused into in
+    Megatron's `hybrid_stack_spec` (`self_attention.linear_qkv.layer_norm_weight`,
+    `mlp.linear_fc1.layer_norm_weight`), as GPT's local spec does."""
+    gpt = layer_spec.submodules
+    keys_map = gpt.sharded_state_dict_keys_map or {}
+
+    def keys_of(norm: str) -> dict:
+        return {k: v for k, v in keys_map.items() if k.startswith(norm)}
+
+    attention_layer = ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=gpt.input_layernorm,
+            self_attention=gpt.self_attention,
+            self_attn_bda=gpt.self_attn_bda,
+            sharded_state_dict_keys_map=keys_of("input_layernorm."),
+        ),
+    )
+    mlp_layer = ModuleSpec(
+        module=MLPLayer,
+        submodules=TransformerLayerSubmodules(
+            pre_mlp_layernorm=gpt.pre_mlp_layernorm,
+            mlp=gpt.mlp,
+            mlp_bda=gpt.mlp_bda,
+            sharded_state_dict_keys_map=keys_of("pre_mlp_layernorm."),
+        ),
+    )
+    return ModuleSpec(
+        module=HybridStack,
+        submodules=HybridStackSubmodules(attention_layer=attention_layer, mlp_layer=mlp_layer),
+    )
+
+
+def check_transformer_pattern(pattern: str, why: str) -> None:
+    """ValueError unless the hybrid layer pattern has only attention (`*`) and MLP (`-`) layers
+    and no multi-token-prediction part (`/`); pipeline separators (`|`) are allowed. `why` says
+    what limits it to those."""
+    other = [repr(k) for k, n in sorted(get_hybrid_layer_counts(pattern).items())
+             if n and k not in TRANSFORMER_LAYER_SYMBOLS]
+    if Symbols.MTP_SEPARATOR in pattern:
+        other.append(f"multi-token-prediction ({Symbols.MTP_SEPARATOR!r})")
+    if other:
+        raise ValueError(
+            f"--hybrid-layer-pattern {pattern!r} has {', '.join(other)} layers, but {why} builds "
+            "only attention ('*') and MLP ('-') layers"
+        )
 
 
 def as_tst_model(module):
