@@ -150,18 +150,18 @@ def hybrid_stack_spec_from_gpt_layer(layer_spec: ModuleSpec) -> ModuleSpec:
     )
 
 
-def check_transformer_pattern(pattern: str, why: str) -> None:
+def check_transformer_pattern(pattern: str, builder: str, fix: str = "") -> None:
     """ValueError unless the hybrid layer pattern has only attention (`*`) and MLP (`-`) layers
-    and no multi-token-prediction part (`/`); pipeline separators (`|`) are allowed. `why` says
-    what limits it to those."""
+    and no multi-token-prediction part (`/`); pipeline separators (`|`) are allowed. The message
+    names `builder` (what builds only those layers) and ends with `fix`."""
     other = [repr(k) for k, n in sorted(get_hybrid_layer_counts(pattern).items())
              if n and k not in TRANSFORMER_LAYER_SYMBOLS]
     if Symbols.MTP_SEPARATOR in pattern:
         other.append(f"multi-token-prediction ({Symbols.MTP_SEPARATOR!r})")
     if other:
         raise ValueError(
-            f"--hybrid-layer-pattern {pattern!r} has {', '.join(other)} layers, but {why} builds "
-            "only attention ('*') and MLP ('-') layers"
+            f"--hybrid-layer-pattern {pattern!r} has {', '.join(other)} layers, but {builder} "
+            f"builds only attention ('*') and MLP ('-') layers{fix}"
         )
 
 

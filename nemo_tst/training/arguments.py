@@ -283,8 +283,8 @@ def check_runtime(args: argparse.Namespace) -> None:
     """What this machine must provide for the arguments, checked where the job runs, before
     launch: Transformer Engine (importable, not merely installed) for FP8 and the TE layers, a
     Blackwell GPU for MXFP8, the TE or Apex kernel behind each fusion Megatron's defaults turn
-    on, a C compiler for the functions Megatron compiles at start-up, and a GPU unless the run
-    is on CPU (`--tst-cpu`)."""
+    on, a C compiler for the functions Megatron compiles at start-up, a GPU unless the run is
+    on CPU (`--tst-cpu`), and what a HybridModel (--hybrid-layer-pattern) needs."""
     import torch
 
     if args.fp8 and getattr(args, "fp8_recipe", None) == "mxfp8":
@@ -321,6 +321,7 @@ def check_runtime(args: argparse.Namespace) -> None:
             "triton builds its GPU launcher with the host C compiler; install one (e.g. "
             "`apt-get install gcc`) or set CC"
         )
+    _check_hybrid_model(args, te_problem)
 
 
 def _check_fusion_kernels(args: argparse.Namespace, te_problem: Optional[str]) -> None:
@@ -368,6 +369,35 @@ def _c_compiler() -> Optional[str]:
         if name and shutil.which(name):
             return shutil.which(name)
     return None
+
+
+def _check_hybrid_model(args: argparse.Namespace, te_problem: Optional[str]) -> None:
+    """With --hybrid-layer-pattern (a `TSTHybridModel`): Transformer Engine, which megatron-core's
+    HybridStack builds its final norm with whatever the layer spec (on CPU, --tst-cpu stands in
+    for it), and, with --transformer-impl local, a pattern of attention and MLP layers only."""
+    from nemo_tst.superposition.model import check_transformer_pattern
+
+    pattern = getattr(args, "hybrid_layer_pattern", None) or getattr(args, "hybrid_override_pattern", None)
+    if pattern is None:
+        return
+    if not getattr(args, "tst_cpu", False) and te_problem:
+        raise ValueError(
+            f"--hybrid-layer-pattern needs Transformer Engine, which does not import here ({te_problem}): "
+            "megatron-core's HybridStack builds its final norm with TE's TENorm whatever the "
+            "layer spec; run in NVIDIA's NeMo or PyTorch container (docker/), install "
+            "nemo-tst[te], or train the same layers as a GPT model (a pattern '*-' repeated N "
+            "times is --num-layers N without --hybrid-layer-pattern)"
+        )
+    if args.transformer_impl == "local":
+        check_transformer_pattern(
+            pattern, "--transformer-impl local",
+            "; Megatron's other hybrid layers (Mamba, MoE, ...) need --transformer-impl transformer_engine",
+        )
+    if getattr(args, "use_rope_scaling", False):
+        raise ValueError(
+            "--use-rope-scaling with --hybrid-layer-pattern: megatron-core's HybridModel has no "
+            "RoPE scaling (it would be ignored); remove one of them"
+        )
 
 
 def check_with_megatron(args: argparse.Namespace, world_size: int) -> None:

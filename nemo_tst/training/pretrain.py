@@ -59,7 +59,8 @@ def _enable_cpu_if_requested(argv: list[str]) -> None:
 
 
 def model_provider(pre_process=True, post_process=True, vp_stage=None, config=None, pg_collection=None):
-    """A `TSTGPTModel` (dense or MoE) from Megatron's arguments, like pretrain_gpt's builder."""
+    """A `TSTGPTModel` (dense or MoE) from Megatron's arguments, like pretrain_gpt's builder;
+    with --hybrid-layer-pattern a `TSTHybridModel`, like pretrain_hybrid's."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_decoder_block_spec,
         get_gpt_layer_local_spec,
@@ -77,6 +78,9 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
     # With --transformer-impl local, core attention is torch SDPA (nemo_tst.attention) unless
     # --tst-attention unfused asks for Megatron's DotProductAttention (for comparison).
     sdpa = args.transformer_impl == "local" and getattr(args, "tst_attention", "sdpa") == "sdpa"
+    if args.hybrid_layer_pattern is not None:
+        return _hybrid_model(args, config, use_te=use_te, sdpa=sdpa, pre_process=pre_process,
+                             post_process=post_process, vp_stage=vp_stage, pg_collection=pg_collection)
     if args.num_experts and sdpa:
         spec = get_gpt_decoder_block_sdpa_spec(config, normalization=args.normalization, vp_stage=vp_stage)
     elif args.num_experts:
@@ -104,6 +108,49 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
         rotary_base=args.rotary_base,
         rope_scaling=args.use_rope_scaling,
         rope_scaling_factor=args.rope_scaling_factor,
+        seq_len_interpolation_factor=args.rotary_seq_len_interpolation_factor,
+        vp_stage=vp_stage,
+        pg_collection=pg_collection,
+    )
+
+
+def _hybrid_model(args, config, *, use_te, sdpa, pre_process, post_process, vp_stage, pg_collection):
+    """A `TSTHybridModel` of Megatron's TE hybrid layers (`hybrid_stack_spec`: every layer type
+    of the pattern) with --transformer-impl transformer_engine; with local layers, the attention
+    and MLP layers of the GPT spec above (SDPA core attention unless --tst-attention unfused),
+    the only layer types the pattern may then name. HybridStack's final norm is TE's TENorm
+    either way (checked before launch: `arguments.check_runtime`)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from nemo_tst.attention import get_gpt_layer_sdpa_spec
+    from nemo_tst.superposition.model import (
+        TSTHybridModel,
+        check_transformer_pattern,
+        hybrid_stack_spec_from_gpt_layer,
+    )
+
+    if use_te:
+        from megatron.core.models.hybrid.hybrid_layer_specs import hybrid_stack_spec as spec
+    else:
+        check_transformer_pattern(args.hybrid_layer_pattern, "--transformer-impl local")
+        layer = (get_gpt_layer_sdpa_spec if sdpa else get_gpt_layer_local_spec)(
+            qk_layernorm=args.qk_layernorm, normalization=args.normalization
+        )
+        spec = hybrid_stack_spec_from_gpt_layer(layer)
+    return TSTHybridModel(
+        config=config,
+        hybrid_stack_spec=spec,
+        vocab_size=args.padded_vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        hybrid_layer_pattern=args.hybrid_layer_pattern,
+        pre_process=pre_process,
+        post_process=post_process,
+        fp16_lm_cross_entropy=args.fp16_lm_cross_entropy,
+        parallel_output=True,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        position_embedding_type=args.position_embedding_type,
+        rotary_percent=args.rotary_percent,
+        rotary_base=args.rotary_base,
         seq_len_interpolation_factor=args.rotary_seq_len_interpolation_factor,
         vp_stage=vp_stage,
         pg_collection=pg_collection,
