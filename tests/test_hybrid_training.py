@@ -34,17 +34,45 @@ def recipe_argv(data, run_dir, *overrides) -> list[str]:
     return recipe.megatron_args()
 
 
-def test_pretrain_trains_a_hybrid_model_through_both_phases(data, tmp_path):
+def pretrain(run_dir, argv, nproc=1):
+    """`nemo-tst pretrain` (in this process; the trainer runs in launched ranks) -> its log."""
+    from nemo_tst.training.logs import parse_training_log
+
+    log_file = run_dir.parent / f"{run_dir.name}.log"
+    rc = main(["pretrain", "--nproc-per-node", str(nproc), "--log-file", str(log_file), *argv])
+    assert rc == 0, log_file.read_text()[-4000:]
+    return parse_training_log(log_file.read_text())
+
+
+def hybrid_argv(data, run_dir, *extra) -> list[str]:
+    # One micro-batch size for every layout, so that only the parallelism differs.
+    return recipe_argv(data, run_dir) + ["--hybrid-layer-pattern", PATTERN, "--micro-batch-size", "2", *extra]
+
+
+@pytest.fixture(scope="module")
+def seed_checkpoint(data, tmp_path_factory):
+    """Initial weights every run loads (--pretrained-checkpoint), so that PP=2, whose stages
+    Megatron seeds differently, starts from the model of world size 1: a one-iteration phase 1,
+    whose update runs at the warm-up's LR of 0."""
+    run = tmp_path_factory.mktemp("seed") / "run"
+    pretrain(run, hybrid_argv(data, run, "--train-iters", "2", "--lr-warmup-iters", "1",
+                              "--lr-wsd-decay-iters", "1", "--tst-phase", "1"))
+    return run / "phase1"
+
+
+@pytest.fixture(scope="module")
+def reference(data, seed_checkpoint, tmp_path_factory):
+    run = tmp_path_factory.mktemp("reference") / "run"
+    argv = hybrid_argv(data, run, "--pretrained-checkpoint", str(seed_checkpoint))
+    return {"run": run, "argv": argv, "log": pretrain(run, argv)}
+
+
+def test_pretrain_trains_a_hybrid_model_through_both_phases(reference):
     from megatron.core import dist_checkpointing
 
     from nemo_tst.training.driver import latest_iteration
-    from nemo_tst.training.logs import parse_training_log
 
-    run = tmp_path / "run"
-    log_file = tmp_path / "train.log"
-    argv = recipe_argv(data, run) + ["--hybrid-layer-pattern", PATTERN]
-    assert main(["pretrain", "--log-file", str(log_file), *argv]) == 0, log_file.read_text()[-4000:]
-
+    run, log = reference["run"], reference["log"]
     assert latest_iteration(run / "phase1") == 3 and latest_iteration(run / "phase2") == 10
     # The checkpoint is a HybridModel's: four layers, attention then MLP, and HybridStack's
     # final norm (a GPTModel's is decoder.final_layernorm).
@@ -52,11 +80,20 @@ def test_pretrain_trains_a_hybrid_model_through_both_phases(data, tmp_path):
     assert {"decoder.final_norm.weight", "decoder.layers.2.self_attention.linear_qkv.weight",
             "decoder.layers.3.mlp.linear_fc2.weight"} <= keys
     assert not any(k.startswith(("decoder.layers.0.mlp", "decoder.layers.1.self_attention")) for k in keys)
-    log = parse_training_log(log_file.read_text())
     assert sorted(log.train) == list(range(1, 11))
     assert all(("tst loss" in log.train[it]) == (it <= 3) for it in range(1, 11))
     assert all(math.isfinite(log.loss(it)) for it in range(1, 11))
     assert log.loss(10) < log.loss(4)  # phase 2 learns
+
+
+@pytest.mark.parametrize("parallel", [["--tensor-model-parallel-size", "2"],
+                                      ["--pipeline-model-parallel-size", "2"]], ids=["tp2", "pp2"])
+def test_model_parallel_runs_match_world_size_1(reference, parallel, tmp_path):
+    run = tmp_path / "run"
+    argv = [a if a != str(reference["run"]) else str(run) for a in reference["argv"]]
+    log = pretrain(run, argv + parallel, nproc=2)
+    losses = lambda log: [log.loss(it) for it in range(1, 11)]  # noqa: E731
+    assert losses(log) == pytest.approx(losses(reference["log"]), rel=2e-5)
 
 
 def test_layers_the_local_implementation_lacks_are_refused_in_one_line(data, tmp_path, capsys):
