@@ -67,8 +67,9 @@ calling enable twice is a no-op; with CUDA available it refuses unless `force=Tr
    CUDA type, for the duration of the call only.
 3. Replaced functions and methods: the CUDA RNG tracker's states on the CPU generator,
    `initialize_megatron` without its CUDA assertion, no JIT warm-up (its tensors are made on
-   "cuda"), no GPU architecture, `MegatronModule.cuda` staying on CPU (each function's
-   docstring says why).
+   "cuda"), no GPU architecture, `MegatronModule.cuda` staying on CPU, torch's norm for
+   HybridStack's final norm when Transformer Engine is absent (each function's docstring says
+   why).
 
 Every patch here stands in for the device (CUDA calls, NCCL, the CUDA RNG, streams) or for an
 absent Transformer Engine; tests/test_cpu_support.py lists each with that reason. Fixes that

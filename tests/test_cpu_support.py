@@ -270,6 +270,8 @@ CPU_PATCH_REASONS = {
     "megatron.training.utils:get_device_arch_version": "reads the GPU's architecture",
     "megatron.training.initialize:_warmup_jit_function": "its warm-up tensors are made on 'cuda'",
     "megatron.core.transformer.module:MegatronModule.cuda": "moves the model to the GPU",
+    "megatron.core.models.hybrid.hybrid_block:TENorm":
+        "an absent Transformer Engine: HybridStack builds its final norm with TE's TENorm",
     **{target: CUDA_TENSORS for target in (
         "megatron.core.models.common.language_module.language_module:"
         "LanguageModule.setup_embeddings_and_output_layer",
