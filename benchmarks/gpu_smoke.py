@@ -26,8 +26,9 @@ torch and CUDA versions, commit, every figure, pass/fail and error text) go to o
 it is rewritten after every step, so a run cut short keeps what it measured. The trainer logs
 go beside it as gpu_smoke_logs.tar.gz.
 
-`--device cpu` runs the same steps on CPU with small sizes (gloo instead of NCCL): it checks the
-script, and measures nothing about a GPU.
+`--device cpu` runs the same steps on CPU with small sizes (gloo instead of NCCL; the pretraining
+step's device run becomes a second CPU run): it checks the script, and measures nothing about a
+GPU.
 """
 
 import argparse
@@ -230,7 +231,9 @@ def step_tst_tiny_pretrain(device: str, work: Path, limit: float) -> dict:
     for name in ("gpu", "cpu"):
         run_dir = work / f"run_{name}"
         shutil.rmtree(run_dir, ignore_errors=True)
-        argv = _recipe_argv(cpu=name == "cpu", data=data, run_dir=run_dir, cache=work / f"index_cache_{name}")
+        # --device cpu: the device run is a second CPU run (checks this step's plumbing only).
+        argv = _recipe_argv(cpu=name == "cpu" or device == "cpu", data=data, run_dir=run_dir,
+                            cache=work / f"index_cache_{name}")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if name == "cpu" or device == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""

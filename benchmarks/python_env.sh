@@ -40,6 +40,11 @@ bench_install_wheels() {  # bench_install_wheels BASE_PYTHON TARGET_DIR WHEEL...
   for whl in "$@"; do
     "$base" -m zipfile -e "$whl" "$target" || return 1
   done
+  local d  # a wheel's NAME.data/purelib and platlib belong in site-packages itself
+  for d in "$target"/*.data/purelib "$target"/*.data/platlib; do
+    [ -d "$d" ] && { cp -r "$d"/. "$target"/ || return 1; }
+  done
+  return 0
 }
 
 bench_make_env() {
