@@ -73,7 +73,8 @@ TOL = {
     "fp32_grad_rel": 1e-4,
     "bag_mean_out_rel": 1e-2,       # max |out - ref| / max |ref|; one bf16 rounding of an fp32 mean
     "bag_mean_grad_rel": 1e-2,
-    "pretrain_loss_abs": 0.1,       # nats: GPU bf16 vs CPU fp32 from the same initial weights
+    "pretrain_first_abs": 0.05,     # nats at iteration 1: same weights and batch, bf16 vs fp32
+    "pretrain_loss_abs": 0.25,      # nats at any iteration: the runs drift apart as they train
 }
 TAIL = 3000  # characters of output kept with a failure
 
@@ -155,7 +156,8 @@ def step_probe(device: str, work: Path) -> dict:
         figures["memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
         figures["bf16_supported"] = torch.cuda.is_bf16_supported()
         with contextlib.suppress(Exception):
-            figures["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+            nccl = torch.cuda.nccl.version()
+            figures["nccl"] = ".".join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl)
     with contextlib.suppress(Exception):
         figures["cudnn"] = torch.backends.cudnn.version()
     # Each import in a fresh interpreter, all at once: a failing or slow one spoils nothing else.
@@ -282,7 +284,11 @@ def step_tst_tiny_pretrain(device: str, work: Path, limit: float) -> dict:
         figures["loss_abs_diff"] = diffs
         figures["max_loss_abs_diff"] = max(diffs.values())
         figures["first_iteration_abs_diff"] = diffs[common[0]]
-        figures["tolerance"] = TOL["pretrain_loss_abs"]
+        figures["tolerances"] = {k: v for k, v in TOL.items() if k.startswith("pretrain")}
+        if figures["first_iteration_abs_diff"] > TOL["pretrain_first_abs"]:
+            status = "fail"
+            errors.append(f"GPU and CPU losses differ by {figures['first_iteration_abs_diff']:.4f} nats at "
+                          f"iteration {common[0]} (tolerance {TOL['pretrain_first_abs']})")
         if figures["max_loss_abs_diff"] > TOL["pretrain_loss_abs"]:
             status = "fail"
             errors.append(f"GPU and CPU losses differ by up to {figures['max_loss_abs_diff']:.4f} nats "
@@ -329,7 +335,11 @@ def _one_rank_world(device: str) -> None:
 
         cpu.enable_megatron_cpu()
         kwargs = {}
-    dist.init_process_group("nccl" if device == "cuda" else "gloo", store=store, rank=0, world_size=1, **kwargs)
+    backend = "nccl" if device == "cuda" else "gloo"
+    try:
+        dist.init_process_group(backend, store=store, rank=0, world_size=1, **kwargs)
+    except TypeError:  # a torch without init_process_group(device_id=...)
+        dist.init_process_group(backend, store=store, rank=0, world_size=1)
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
     if device == "cuda":
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
