@@ -166,7 +166,7 @@ def step_probe(device: str, work: Path) -> dict:
                          ("megatron.core", "megatron-core"), ("megatron.training", None),
                          ("triton", "triton"), ("tokenizers", "tokenizers"), ("nemo_tst", None)):
         code = (f"import importlib, importlib.metadata as m; importlib.import_module({module!r}); "
-                f"print(m.version({dist!r}) if {dist!r} != 'None' else 'imported')")
+                + (f"print(m.version({dist!r}))" if dist else "print('imported')"))
         procs[module] = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
                                          stderr=subprocess.STDOUT, text=True)
     imports, deadline = {}, time.time() + 45

@@ -60,7 +60,9 @@ bench_make_env() {
   rm -rf "$venv"
   if "$base" -m venv --without-pip --system-site-packages "$venv" >/dev/null 2>&1; then
     site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" || return 1
-    "$base" -c 'import site; print("\n".join(site.getsitepackages()))' > "$site/zz_base_site_packages.pth"
+    # addsitedir, not bare paths: the base's own .pth files (editable installs, say) count too
+    "$base" -c 'import site; print("\n".join(f"import site; site.addsitedir({p!r})" for p in site.getsitepackages()))' \
+      > "$site/zz_base_site_packages.pth"
     echo "$repo" > "$site/nemo_tst_checkout.pth"
     BENCH_SETUP="venv of $base"
     bench_install_wheels "$base" "$site" "$BENCH_WHEELS"/*.whl || return 1

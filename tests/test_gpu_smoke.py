@@ -57,6 +57,7 @@ def test_dry_run_prints_the_plan_and_writes_the_probe(tmp_path):
     assert set(figures["tools"]) >= {"pip (this Python)", "pip (base Python)", "cc", "make", "nvcc", "nvidia-smi"}
     assert set(figures["imports"]) >= {"transformer_engine", "apex", "megatron.core", "triton"}
     assert figures["imports"]["megatron.core"] == {"ok": True, "version": "0.19.2"}
+    assert figures["imports"]["nemo_tst"]["ok"] and figures["imports"]["megatron.training"]["ok"]
     assert set(record["steps_planned"]) == set(smoke.STEPS) - {"probe"}
     assert set(record["pretrain_commands"]) == {"gpu", "cpu"}
 
@@ -128,18 +129,26 @@ def test_without_pip_the_wheels_are_unpacked_into_the_venv(tmp_path):
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(base_env)], check=True)
     base = base_env / "bin" / "python"
     assert subprocess.run([str(base), "-m", "pip", "--version"], capture_output=True).returncode != 0
+    # A package the base sees only through a .pth file of its own site-packages (as an editable
+    # install is seen) is seen by the made venv too.
+    (tmp_path / "extra").mkdir()
+    (tmp_path / "extra" / "extramod.py").write_text("NAME = 'extra'\n")
+    base_site = subprocess.run([str(base), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    Path(base_site, "extra.pth").write_text(str(tmp_path / "extra") + "\n")
     work = tmp_path / "checkout"
     (work / "benchmarks" / "wheels").mkdir(parents=True)
     _wheel(work / "benchmarks" / "wheels")
     script = (f". {REPO / 'benchmarks' / 'python_env.sh'}; bench_make_env || exit 1; "
               f'echo "PY=$PY"; echo "SETUP=$BENCH_SETUP"; '
-              '"$PY" -c "import tinypkg, importlib.metadata as m; print(tinypkg.VALUE, m.version(\'tinypkg\'))"')
+              '"$PY" -c "import tinypkg, extramod, importlib.metadata as m; '
+              'print(tinypkg.VALUE, m.version(\'tinypkg\'), extramod.NAME)"')
     env = dict(os.environ, BENCH_BASE_PYTHON=str(base))
     env.pop("PYTHONPATH", None)
     proc = subprocess.run(["bash", "-c", script], cwd=work, capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "PY=benchmarks/.venv/bin/python" in proc.stdout
     assert "no pip: wheels unpacked" in proc.stdout
-    assert "42 1.2.3" in proc.stdout
+    assert "42 1.2.3 extra" in proc.stdout
     site_pth = list((work / "benchmarks" / ".venv").glob("lib/python*/site-packages/nemo_tst_checkout.pth"))
     assert site_pth and site_pth[0].read_text().strip() == str(work)
