@@ -452,6 +452,10 @@ class ReportsSize:
 
 
 def step_tp_broadcast(device: str, work: Path) -> dict:
+    """The batch broadcast through Megatron's TP group reporting size 2 on a world of one: what
+    the broadcast hands NCCL (count and devices of the tensors) and what comes back. Called
+    through `_broadcast_over_tp` and `get_batch` with the arguments their signatures ask for (a
+    target device, a model whose parameters say where the batch goes)."""
     import inspect
 
     import torch
@@ -463,14 +467,38 @@ def step_tp_broadcast(device: str, work: Path) -> dict:
     _one_rank_world(device)
     real = parallel_state.get_tensor_model_parallel_group()
     fake = ReportsSize(real, 2)
+    target = torch.device(device, 0) if device == "cuda" else torch.device("cpu")
     figures = {"backend": dist.get_backend(), "device": device, "reported_tp_size": fake.size(),
                "world_size": dist.get_world_size(),
-               "signature": str(inspect.signature(tst_step._broadcast_over_tp))}
+               "signatures": {name: str(inspect.signature(getattr(tst_step, name)))
+                              for name in ("_broadcast_over_tp", "get_batch")}}
+
+    class OnDevice(torch.nn.Module):  # a model chunk as get_batch sees one: parameters, vp_stage
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1, device=target))
+            self.vp_stage = None
+
+    def call(fn, batch, data_iterator=None):
+        params = inspect.signature(fn).parameters
+        if fn is tst_step.get_batch:
+            kwargs = {"model": OnDevice()} if "model" in params else {}
+            return fn(data_iterator, **kwargs)
+        kwargs = {"device": target} if "device" in params else {}
+        return fn(batch, **kwargs)
+
+    seen = []  # (device, dtype, shape) of every tensor broadcast
+    real_broadcast = torch.distributed.broadcast
+
+    def spy(tensor, *args, **kwargs):
+        seen.append((str(tensor.device), str(tensor.dtype).replace("torch.", ""), tuple(tensor.shape)))
+        return real_broadcast(tensor, *args, **kwargs)
+
     gen = torch.Generator().manual_seed(0)
     s, L, b = 4, 16, 2
     batches = {
         "phase1": {"text": torch.randint(0, 1000, (b, s * L + s), generator=gen),
-                   "loss_mask": torch.ones(b, s * L + s)},
+                   "loss_mask": torch.ones(b, s * L)},
         "phase2": {"tokens": torch.randint(0, 1000, (b, L), generator=gen),
                    "labels": torch.randint(0, 1000, (b, L), generator=gen),
                    "position_ids": torch.arange(L).repeat(b, 1), "loss_mask": torch.ones(b, L)},
@@ -478,35 +506,38 @@ def step_tp_broadcast(device: str, work: Path) -> dict:
     bad = []
     original = parallel_state.get_tensor_model_parallel_group
     parallel_state.get_tensor_model_parallel_group = lambda *a, **k: fake
+    torch.distributed.broadcast = spy
     try:
         for phase, batch in batches.items():
-            on_device = {k: v.to(device) for k, v in batch.items()}
             for how in ("_broadcast_over_tp", "get_batch"):
                 key = f"{phase}_{how}"
+                seen.clear()
                 try:
-                    given = dict(batch) if how == "get_batch" else on_device
-                    if how == "get_batch":
-                        out = tst_step.get_batch(iter([given]))
-                    else:
-                        out = tst_step._broadcast_over_tp(given)
+                    if how == "get_batch":  # from the data loader's CPU tensors
+                        out = call(tst_step.get_batch, None, iter([dict(batch)]))
+                    else:  # a batch already on the device
+                        out = call(tst_step._broadcast_over_tp, {k: v.to(target) for k, v in batch.items()})
                     if device == "cuda":
                         torch.cuda.synchronize()
                     same = set(out) == set(batch) and all(
                         torch.equal(out[k].cpu().to(batch[k].dtype), batch[k]) for k in batch)
-                    # At TP = 1 the batch comes back as it went in; through the broadcast, anew.
-                    broadcast = all(out[k] is not given.get(k) for k in out)
-                    figures[key] = {"ok": same and broadcast, "broadcast_ran": broadcast,
-                                    "devices": sorted({str(v.device) for v in out.values()}),
-                                    "keys": sorted(out)}
+                    devices = sorted({str(v.device) for v in out.values()})
+                    figures[key] = {"ok": same and bool(seen) and devices == [str(target)],
+                                    "broadcasts": len(seen), "broadcast_tensors": list(seen),
+                                    "out_devices": devices, "keys": sorted(out)}
+                    if not seen:
+                        bad.append(f"{key}: no broadcast ran (the group's reported size was not used)")
                     if not same:
                         bad.append(f"{key}: the broadcast batch differs from the input")
-                    if not broadcast:
-                        bad.append(f"{key}: no broadcast ran (the group's reported size was not used)")
+                    if devices != [str(target)]:
+                        bad.append(f"{key}: the batch came back on {devices}, not {target}")
                 except Exception as err:  # recorded: this is what the step is for
-                    figures[key] = {"ok": False, "error": f"{type(err).__name__}: {err}"[:800]}
+                    figures[key] = {"ok": False, "broadcast_tensors": list(seen),
+                                    "error": f"{type(err).__name__}: {err}"[:800]}
                     bad.append(f"{key}: {type(err).__name__}: {str(err)[:200]}")
     finally:
         parallel_state.get_tensor_model_parallel_group = original
+        torch.distributed.broadcast = real_broadcast
     # The control: does this group reject a CPU tensor? (NCCL does; gloo does not.)
     try:
         dist.broadcast(torch.zeros(1, dtype=torch.int64), 0, group=real)
