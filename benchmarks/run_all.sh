@@ -30,12 +30,14 @@
 # matplotlib, but not megatron-core. `--fetch-wheels` downloads the megatron-core 0.19.2 wheel
 # into benchmarks/wheels (git-ignored); the device call carries that folder
 # (carry: ["benchmarks/wheels"]). The venv sees the base interpreter's site-packages through a
-# .pth file (a venv made from a venv would not) and this checkout through another.
+# .pth file (a venv made from a venv would not) and this checkout through another; the wheel is
+# installed with the base interpreter's pip, or unpacked where it has none
+# (benchmarks/python_env.sh, shared with gpu_smoke.sh).
 set -uo pipefail
 SECONDS=0  # the window's clock: the Python set-up counts
 cd "$(dirname "$0")/.."
 REPO="$PWD"
-MCORE="megatron-core==0.19.2"
+. benchmarks/python_env.sh  # BENCH_MCORE, bench_python (sets PY)
 
 # ----- the GPU window (--gpu-window) -----------------------------------------------------------
 # TST's s and r in the window's quality comparison: the best measured so far (docs/benchmarks.md,
@@ -75,7 +77,7 @@ while [ $# -gt 0 ]; do
       exec "$py" -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
         --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        -d benchmarks/wheels "$MCORE" ;;
+        -d benchmarks/wheels "$BENCH_MCORE" ;;
     -h|--help) sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) echo "run_all.sh: unknown option $1" >&2; exit 2 ;;
     *) out="$1"; shift ;;
@@ -108,46 +110,13 @@ vclock=0
 now() { echo $(( SECONDS + vclock )); }
 left() { echo $(( WINDOW_SECONDS - $(now) )); }
 
-# ----- Python ----------------------------------------------------------------------------------
-need='import torch, tokenizers, yaml, numpy, megatron.core, megatron.training, nemo_tst
-from importlib.metadata import version
-assert version("megatron-core").startswith("0.19."), version("megatron-core")'
-usable() { [ -n "$1" ] && [ -x "$1" ] && "$1" -c "$need" >/dev/null 2>&1; }
-
-make_venv() {
-  local base="${BENCH_BASE_PYTHON:-python3}" venv=benchmarks/.venv site
-  if ! ls benchmarks/wheels/*.whl >/dev/null 2>&1; then
-    echo "run_all.sh: no usable Python and no wheels in benchmarks/wheels; run" >&2
-    echo "  bash benchmarks/run_all.sh --fetch-wheels   (where there is internet)" >&2
-    echo "and carry benchmarks/wheels to this machine" >&2
-    return 1
-  fi
-  echo "[run_all] creating $venv from $base and the wheels in benchmarks/wheels (offline)" >&2
-  rm -rf "$venv"
-  "$base" -m venv --without-pip --system-site-packages "$venv" || return 1
-  site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-  "$base" -c 'import site; print("\n".join(site.getsitepackages()))' > "$site/zz_base_site_packages.pth"
-  echo "$REPO" > "$site/nemo_tst_checkout.pth"
-  "$base" -m pip install --quiet --no-index --no-deps --no-compile --disable-pip-version-check \
-    --target "$site" benchmarks/wheels/*.whl || return 1
-}
-
-PY=""
-for cand in "${BENCH_PYTHON:-}" .venv/bin/python benchmarks/.venv/bin/python; do
-  if usable "$cand"; then PY="$cand"; break; fi
-done
-if [ -z "$PY" ] && [ "$dry" = 1 ]; then
-  PY=benchmarks/.venv/bin/python
-  echo "[dry-run] no usable Python here: a real run would create $PY from benchmarks/wheels"
-elif [ -z "$PY" ]; then
-  make_venv && usable benchmarks/.venv/bin/python && PY=benchmarks/.venv/bin/python
+# ----- Python (benchmarks/python_env.sh, shared with gpu_smoke.sh) ------------------------------
+if [ "$dry" = 1 ]; then
+  bench_python dry
+else
+  bench_python || { echo "run_all.sh: no usable Python (see above)" >&2; exit 1; }
 fi
-if [ -z "$PY" ]; then
-  echo "run_all.sh: no Python with torch, megatron-core 0.19 and nemo_tst; tried" \
-       "\$BENCH_PYTHON, .venv, benchmarks/.venv. The check was:" >&2
-  "${BENCH_PYTHON:-benchmarks/.venv/bin/python}" -c "$need" || true
-  exit 1
-fi
+echo "[run_all] python: $PY ($BENCH_SETUP)"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS="ignore::UserWarning,ignore::FutureWarning"
 
 summary=()

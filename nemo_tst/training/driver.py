@@ -446,7 +446,7 @@ def run(argv: list[str], *, nproc: int = 1, log_file: Optional[Path] = None, on_
         say(f"[nemo-tst] note: {FP8_DELAYED_NOTE}")
     save = Path(args.save)
     # The first writes, after every check: the lock (held over all launches), then the claim.
-    with run_dir.RunLock(save).acquire(MEGATRON_NAMES):
+    with run_dir.RunLock(save, say=say).acquire(MEGATRON_NAMES):
         claim_run_directory(save, args, plan)
         for directory, iteration, problems in fallbacks:
             say(f"[nemo-tst] WARNING: the latest checkpoint in {directory} is damaged "
