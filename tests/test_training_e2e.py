@@ -531,3 +531,20 @@ def test_phase1_with_overlapped_param_gather_trains_as_with_synchronous_gather(d
     assert [overlapped.loss(it) for it in range(1, 6)] == pytest.approx(
         [synchronous.loss(it) for it in range(1, 6)], rel=1e-6
     )
+
+
+def test_distributed_optimizer_resumes_across_the_handoff_like_the_plain_optimizer(data, tmp_path):
+    """DP=2 with --use-distributed-optimizer through both phases: phase 2 resumes phase 1's
+    sharded optimizer state (megatron_fixes mends that resume without Apex or Transformer
+    Engine: before the first step there is no per-parameter state to load into, and Adam's
+    step must be each parameter's own), so every loss equals the same run with Megatron's plain
+    optimizer, whose state is not sharded."""
+    sharded, _ = run_pretrain(tmp_path / "sharded",
+                              tiny_recipe_argv(data, tmp_path / "sharded") + ["--use-distributed-optimizer"],
+                              nproc=2)
+    plain, _ = run_pretrain(tmp_path / "plain", tiny_recipe_argv(data, tmp_path / "plain"), nproc=2)
+    assert sorted(sharded.train) == sorted(plain.train) == list(range(1, 11))
+    assert {sharded.phase[it] for it in sharded.train} == {1, 2}
+    assert [sharded.loss(it) for it in range(1, 11)] == pytest.approx(
+        [plain.loss(it) for it in range(1, 11)], rel=1e-5
+    )
