@@ -299,3 +299,29 @@ def test_missing_package_conf_is_a_broken_install_not_an_empty_catalog(tmp_path,
         precision_names()
     with pytest.raises(FileNotFoundError, match=r"^\S*elsewhere.yaml is missing$"):
         read_conf(tmp_path / "elsewhere.yaml")  # a user's file: no reinstall advice
+
+
+def test_moe_recipes_group_their_experts_gemms_with_transformer_engine():
+    """With TE layers, a rank's experts run as one grouped GEMM with fused token permutation,
+    not a Python loop over the experts; without TE (local layers, CPU) neither kernel exists."""
+    te = load_recipe("tst_qwen3_10b_a1b", gpus=8).megatron_args()
+    assert "--moe-grouped-gemm" in te and "--moe-permute-fusion" in te
+    for overrides in (["transformer_impl=local"], ["cpu=true", "transformer_impl=local"]):
+        args = load_recipe("tst_qwen3_10b_a1b", gpus=8, overrides=overrides).megatron_args()
+        assert "--moe-grouped-gemm" not in args and "--moe-permute-fusion" not in args
+    dense = load_recipe("tst_llama3_270m", gpus=8).megatron_args()
+    assert "--moe-grouped-gemm" not in dense
+
+
+def test_local_layers_need_no_te_or_apex_kernel_on_a_gpu_either():
+    """transformer_impl=local turns off every fusion Megatron's defaults ask of TE or Apex, on
+    a GPU as on a CPU; the CPU adds only its device arguments."""
+    from nemo_tst.recipes.config import LOCAL_LAYERS_ARGS
+
+    gpu = load_recipe("tst_demo_gpu", overrides=["transformer_impl=local"]).megatron_args()
+    cpu = load_recipe("tst_demo_gpu", overrides=["transformer_impl=local", "cpu=true"]).megatron_args()
+    for flag in ("--no-rope-fusion", "--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion",
+                 "--no-persist-layer-norm"):
+        assert flag in LOCAL_LAYERS_ARGS and flag in gpu and flag in cpu
+    assert "--tst-cpu" not in gpu and "--bf16" in gpu
+    assert {"--tst-cpu", "--use-cpu-initialization"} <= set(cpu)
