@@ -78,9 +78,10 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
     # With --transformer-impl local, core attention is torch SDPA (nemo_tst.attention) unless
     # --tst-attention unfused asks for Megatron's DotProductAttention (for comparison).
     sdpa = args.transformer_impl == "local" and getattr(args, "tst_attention", "sdpa") == "sdpa"
+    common = _language_model_arguments(args, config, pre_process=pre_process, post_process=post_process,
+                                       vp_stage=vp_stage, pg_collection=pg_collection)
     if args.hybrid_layer_pattern is not None:
-        return _hybrid_model(args, config, use_te=use_te, sdpa=sdpa, pre_process=pre_process,
-                             post_process=post_process, vp_stage=vp_stage, pg_collection=pg_collection)
+        return _hybrid_model(args, common, use_te=use_te, sdpa=sdpa)
     if args.num_experts and sdpa:
         spec = get_gpt_decoder_block_sdpa_spec(config, normalization=args.normalization, vp_stage=vp_stage)
     elif args.num_experts:
@@ -93,28 +94,29 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
         spec = get_gpt_layer_sdpa_spec(qk_layernorm=args.qk_layernorm, normalization=args.normalization)
     else:
         spec = get_gpt_layer_local_spec(qk_layernorm=args.qk_layernorm, normalization=args.normalization)
-    return TSTGPTModel(
+    return TSTGPTModel(transformer_layer_spec=spec, rope_scaling=args.use_rope_scaling,
+                       rope_scaling_factor=args.rope_scaling_factor, **common)
+
+
+def _language_model_arguments(args, config, **stage) -> dict:
+    """The constructor arguments `GPTModel` and `HybridModel` share, from Megatron's arguments
+    (`stage`: pre_process, post_process, vp_stage, pg_collection)."""
+    return dict(
         config=config,
-        transformer_layer_spec=spec,
         vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings,
-        pre_process=pre_process,
-        post_process=post_process,
         fp16_lm_cross_entropy=args.fp16_lm_cross_entropy,
         parallel_output=True,
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
         position_embedding_type=args.position_embedding_type,
         rotary_percent=args.rotary_percent,
         rotary_base=args.rotary_base,
-        rope_scaling=args.use_rope_scaling,
-        rope_scaling_factor=args.rope_scaling_factor,
         seq_len_interpolation_factor=args.rotary_seq_len_interpolation_factor,
-        vp_stage=vp_stage,
-        pg_collection=pg_collection,
+        **stage,
     )
 
 
-def _hybrid_model(args, config, *, use_te, sdpa, pre_process, post_process, vp_stage, pg_collection):
+def _hybrid_model(args, common: dict, *, use_te, sdpa):
     """A `TSTHybridModel` of Megatron's TE hybrid layers (`hybrid_stack_spec`: every layer type
     of the pattern) with --transformer-impl transformer_engine; with local layers, the attention
     and MLP layers of the GPT spec above (SDPA core attention unless --tst-attention unfused),
@@ -137,24 +139,7 @@ def _hybrid_model(args, config, *, use_te, sdpa, pre_process, post_process, vp_s
             qk_layernorm=args.qk_layernorm, normalization=args.normalization
         )
         spec = hybrid_stack_spec_from_gpt_layer(layer)
-    return TSTHybridModel(
-        config=config,
-        hybrid_stack_spec=spec,
-        vocab_size=args.padded_vocab_size,
-        max_sequence_length=args.max_position_embeddings,
-        hybrid_layer_pattern=args.hybrid_layer_pattern,
-        pre_process=pre_process,
-        post_process=post_process,
-        fp16_lm_cross_entropy=args.fp16_lm_cross_entropy,
-        parallel_output=True,
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        position_embedding_type=args.position_embedding_type,
-        rotary_percent=args.rotary_percent,
-        rotary_base=args.rotary_base,
-        seq_len_interpolation_factor=args.rotary_seq_len_interpolation_factor,
-        vp_stage=vp_stage,
-        pg_collection=pg_collection,
-    )
+    return TSTHybridModel(hybrid_stack_spec=spec, hybrid_layer_pattern=args.hybrid_layer_pattern, **common)
 
 
 def _is_dataset_built_on_rank(vp_stage=None):
