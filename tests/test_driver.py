@@ -224,3 +224,22 @@ def test_cpu_runs_hide_the_gpus_from_their_ranks(tmp_path, monkeypatch):
         driver._launch_phases(phase_commands(argv_for(tmp_path, 4), args, plan), plan, tmp_path, 1,
                               tmp_path / "log", None, lambda text: None, None, args)
     assert seen["env"]["CUDA_VISIBLE_DEVICES"] == "0,1"  # a GPU run keeps the user's choice
+
+
+def test_a_run_directory_belongs_to_its_hybrid_layer_pattern(tmp_path):
+    """A hybrid run's layer pattern is part of what its directory holds: another pattern
+    (even of the same length) is another model, refused before launch, not at load."""
+    from nemo_tst.core.run_dir import check_run_directory
+    from nemo_tst.training.arguments import MEGATRON_NAMES
+    from nemo_tst.training.driver import claim_run_directory, run_identity
+
+    def check_run_directory_for(save, args, plan):
+        check_run_directory(save, run_identity(args, plan), MEGATRON_NAMES)
+
+    args = parse_megatron_args(argv_for(tmp_path, 4, "--hybrid-layer-pattern", "*-*-"))
+    claim_run_directory(tmp_path, args, plan_from_args(args))
+    checkpoint(tmp_path / "phase1", 2)
+    check_run_directory_for(tmp_path, args, plan_from_args(args))  # the same run: resumes
+    other = parse_megatron_args(argv_for(tmp_path, 4, "--hybrid-layer-pattern", "**--"))
+    with pytest.raises(ValueError, match=r"holds a different TST run \(hybrid_layer_pattern: '\*-\*-' there"):
+        check_run_directory_for(tmp_path, other, plan_from_args(other))

@@ -55,7 +55,7 @@ logger = logging.getLogger(__name__)
 MODEL_IDENTITY = (
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
     "num_experts", "seq_length", "global_batch_size", "train_iters", "vocab_size",
-    "position_embedding_type", "seed",
+    "position_embedding_type", "seed", "hybrid_layer_pattern",
 )
 
 
