@@ -654,14 +654,13 @@ def _enable_trainer() -> None:
 _BRIDGE_ENABLED = False
 
 _cpu_view_of_torch(
-    "megatron.bridge.training.train",  # "cuda" tensors, synchronize, memory report, streams
-    "megatron.bridge.training.eval",  # "cuda" loss accumulators
-    "megatron.bridge.training.gpt_step",  # the batch moved to current_device()
-    "megatron.bridge.training.utils.train_utils",  # "cuda" loss and throughput reductions
+    "megatron.bridge.training.train",  # "cuda" exit flags, synchronize, empty_cache
+    "megatron.bridge.training.eval",  # "cuda" exit flags, synchronize, empty_cache
+    "megatron.bridge.training.utils.train_utils",  # grad-norm buffers on "cuda", memory report
     "megatron.bridge.training.checkpointing",  # "cuda" tensors, the CUDA RNG state saved/loaded
-    "megatron.bridge.training.setup",  # current_device(), synchronize, empty_cache
+    "megatron.bridge.training.setup",  # the start-time tensor reduced on "cuda"
     "megatron.bridge.data.loaders",  # the do-train/valid/test flags broadcast on "cuda"
-    "megatron.bridge.models.model_provider",  # current_device(), set_device
+    "megatron.bridge.models.model_provider",  # set_device, model.cuda(current_device())
     "megatron.training.models.dist_utils",  # the DDP-wrap CUDA stream (Bridge's get_model)
     bridge=True, trainer=True,
 )
@@ -695,6 +694,22 @@ _run_passing_as_cuda(
     "megatron.bridge.training.eval:evaluate",
     trainer=True, bridge=True,
 )
+
+
+def bridge_cpu_settings(cfg) -> None:
+    """Set what a Megatron-Bridge `ConfigContainer` needs on CPU, in place (the counterpart of
+    `TRAINER_CPU_ARGS` and the local layers' arguments): gloo, megatron-core's plain-PyTorch
+    layer spec (`local_layer_spec`: no Transformer Engine), weights on the CPU generator, and
+    every fused CUDA/Apex kernel off."""
+    from megatron.bridge.models.gpt_provider import local_layer_spec
+
+    cfg.dist.distributed_backend = "gloo"
+    cfg.model.transformer_layer_spec = local_layer_spec
+    for name, value in MODEL_CPU_CONFIG.items():
+        setattr(cfg.model, name, value)
+    for name in ("bias_activation_fusion", "cross_entropy_loss_fusion"):
+        setattr(cfg.model, name, False)
+    cfg.dataset.num_workers = 0
 
 
 def enable_bridge_cpu(*, force: bool = False) -> bool:

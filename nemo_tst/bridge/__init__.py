@@ -24,6 +24,7 @@ from nemo_tst.bridge.checks import (
     BRIDGE_COMMIT,
     BRIDGE_NAMES,
     BRIDGE_REQUIREMENT,
+    BRIDGE_TESTED,
     BRIDGE_VERSION,
     check_phase_iteration,
     plan_tst_run,
@@ -34,7 +35,7 @@ from nemo_tst.bridge.step import tst_forward_step
 from nemo_tst.core.settings import TSTSettings
 
 __all__ = [
-    "BRIDGE_COMMIT", "BRIDGE_NAMES", "BRIDGE_REQUIREMENT", "BRIDGE_VERSION", "TSTDatasetProvider",
+    "BRIDGE_COMMIT", "BRIDGE_NAMES", "BRIDGE_REQUIREMENT", "BRIDGE_TESTED", "BRIDGE_VERSION", "TSTDatasetProvider",
     "TSTSettings", "check_phase_iteration", "next_tst_phase", "plan_tst_run", "require_bridge",
     "tst_forward_step", "tst_model_hook", "tst_phase_configs", "tst_pretrain",
 ]
