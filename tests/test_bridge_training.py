@@ -199,7 +199,10 @@ def test_the_launcher_names_a_missing_recipe():
 
     with pytest.raises(ValueError, match="no recipe function 'no_such_recipe'"):
         load_recipe("no_such_recipe")
-    assert load_recipe("llama32_1b_pretrain_config").__name__ == "llama32_1b_pretrain_config"
+    import megatron.bridge.recipes
+
+    assert load_recipe("llama32_1b_pretrain_config") is megatron.bridge.recipes.llama32_1b_pretrain_config
+    assert load_recipe("tests.bridge_recipes:tiny_mock_pretrain_config").__module__ == "tests.bridge_recipes"
     with pytest.raises(SystemExit):
         main(["--recipe", "x", "--tst-bag-size", "4", "--unknown-flag"])
 
