@@ -645,3 +645,24 @@ def test_both_phases_bf16_distributed_optimizer_dp2(tmp_path):
         assert "lm loss" in done.stdout if expected == 40 else "tst loss" in done.stdout
     assert latest_checkpoint_iteration(phase_dir(run, 1)) == 10  # the handoff checkpoint is kept
     assert next_tst_phase(run, p) is None
+
+
+def test_the_te_stand_in_reaches_only_lora_layers_and_refuses_every_use():
+    """tests/te_absent_standin.py: Bridge's one unguarded Transformer Engine import gets a
+    stand-in; Transformer Engine stays absent for everything else."""
+    from megatron.bridge.peft import lora_layers
+
+    from tests.te_absent_standin import AbsentTransformerEngine, installed
+
+    assert installed()
+    assert not [m for m in sys.modules if m.split(".")[0] == "transformer_engine"]
+    with pytest.raises(ImportError):
+        import transformer_engine  # noqa: F401
+    from megatron.core.extensions import transformer_engine as mcore_te
+
+    assert mcore_te.HAVE_TE is False  # megatron-core's guard still sees no TE
+    assert isinstance(lora_layers.te, AbsentTransformerEngine)
+    for use in (lambda: lora_layers.te.ops.Sequential(), lambda: bool(lora_layers.te),
+                lambda: isinstance(torch.nn.Linear(2, 2), lora_layers.te.Linear)):
+        with pytest.raises(ImportError, match="Transformer Engine is absent"):
+            use()
