@@ -296,6 +296,8 @@ class _Patch:
     """Only with `enable_megatron_cpu(trainer=True)` (megatron.training and what it alone uses)."""
     when: Optional[Callable[[], bool]] = None
     """If given, the patch applies only when this returns True at enable time."""
+    bridge: bool = False
+    """Only with `enable_bridge_cpu()` (Megatron-Bridge's trainer, `megatron.bridge`)."""
 
 
 _PATCHES: list[_Patch] = []
@@ -313,31 +315,33 @@ def _megatron_attr(target: str) -> Any:
 
 
 def _cpu_view_of_torch(*module_names: str, trainer: bool = False,
-                       device_count: Optional[int] = None) -> None:
+                       device_count: Optional[int] = None, bridge: bool = False) -> None:
     """These modules see the CPU view of torch as their global `torch`."""
     for module_name in module_names:
         _PATCHES.append(_Patch(f"{module_name}:torch",
-                               lambda original: _torch_view(device_count), trainer))
+                               lambda original: _torch_view(device_count), trainer, bridge=bridge))
 
 
 def _replace(target: str, *by_name_imports: str, trainer: bool = False,
-             when: Optional[Callable[[], bool]] = None) -> Callable[[Callable], Callable]:
+             when: Optional[Callable[[], bool]] = None,
+             bridge: bool = False) -> Callable[[Callable], Callable]:
     """Decorator: the function replaces `target` (keeping its signature), and a wrapper of it
     each of `by_name_imports`, the modules that bound the original under their own name."""
 
     def register(fn: Callable) -> Callable:
-        _PATCHES.append(_Patch(target, lambda original: fn, trainer, when))
+        _PATCHES.append(_Patch(target, lambda original: fn, trainer, when, bridge))
         for alias in by_name_imports:
-            _PATCHES.append(_Patch(alias, lambda original: _wrapper_alias(fn), trainer, when))
+            _PATCHES.append(_Patch(alias, lambda original: _wrapper_alias(fn), trainer, when,
+                                   bridge))
         return fn
 
     return register
 
 
-def _run_passing_as_cuda(*targets: str, trainer: bool = False) -> None:
+def _run_passing_as_cuda(*targets: str, trainer: bool = False, bridge: bool = False) -> None:
     """These functions run with CPU tensors passing as CUDA tensors (`_passing_as_cuda`)."""
     for target in targets:
-        _PATCHES.append(_Patch(target, _passing_as_cuda, trainer))
+        _PATCHES.append(_Patch(target, _passing_as_cuda, trainer, bridge=bridge))
 
 
 _APPLIED: list[tuple[Any, str, Any, Any]] = []
@@ -349,9 +353,9 @@ def _patch(owner: Any, name: str, replacement: Any) -> None:
     patch_attribute(owner, name, replacement, _APPLIED, "_nemo_tst_cpu")
 
 
-def _apply(trainer: bool) -> None:
+def _apply(trainer: bool, bridge: bool = False) -> None:
     for p in _PATCHES:
-        if p.trainer == trainer and (p.when is None or p.when()):
+        if p.trainer == trainer and p.bridge == bridge and (p.when is None or p.when()):
             owner, name = _resolve(p.target)
             _patch(owner, name, p.make(getattr(owner, name)))
 
@@ -529,12 +533,12 @@ def enable_megatron_cpu(*, trainer: bool = True, force: bool = False) -> bool:
 
 def disable_megatron_cpu() -> None:
     """Undo `enable_megatron_cpu`: every patched attribute gets its original back."""
-    global _ENABLED, _TRAINER_ENABLED
+    global _ENABLED, _TRAINER_ENABLED, _BRIDGE_ENABLED
     restore(_APPLIED)
     while _LOG_FILTERS:
         lg, flt = _LOG_FILTERS.pop()
         lg.removeFilter(flt)
-    _ENABLED = _TRAINER_ENABLED = False
+    _ENABLED = _TRAINER_ENABLED = _BRIDGE_ENABLED = False
 
 
 def _add_log_filter(logger_name: str, flt: logging.Filter) -> None:
@@ -669,7 +673,99 @@ def _enable_trainer() -> None:
     _TRAINER_ENABLED = True
 
 
-MEGATRON_NAMES: tuple[str, ...] = tuple(p.target for p in _PATCHES) + tuple(_RELIED_ON)
+# ---------------------------------------------------------------------------------------------
+# Megatron-Bridge's trainer: megatron.bridge.training.pretrain (Bridge 0.6)
+# ---------------------------------------------------------------------------------------------
+
+_BRIDGE_ENABLED = False
+
+_cpu_view_of_torch(
+    "megatron.bridge.training.train",  # "cuda" exit flags, synchronize, empty_cache
+    "megatron.bridge.training.eval",  # "cuda" exit flags, synchronize, empty_cache
+    "megatron.bridge.training.utils.train_utils",  # grad-norm buffers on "cuda", memory report
+    "megatron.bridge.training.checkpointing",  # "cuda" tensors, the CUDA RNG state saved/loaded
+    "megatron.bridge.training.setup",  # the start-time tensor reduced on "cuda"
+    "megatron.bridge.data.loaders",  # the do-train/valid/test flags broadcast on "cuda"
+    "megatron.bridge.models.model_provider",  # set_device, model.cuda(current_device())
+    "megatron.training.models.dist_utils",  # the DDP-wrap CUDA stream (Bridge's get_model)
+    bridge=True, trainer=True,
+)
+# Bridge's initialize.py seeds the RNG tracker only when torch.cuda.device_count() > 0.
+_cpu_view_of_torch("megatron.bridge.training.initialize", device_count=1, bridge=True,
+                   trainer=True)
+
+_relies_on("megatron.bridge.training.initialize:initialize_megatron(allow_no_cuda)")
+
+
+@_replace("megatron.bridge.training.initialize:initialize_megatron",
+          "megatron.bridge.training.setup:initialize_megatron", trainer=True, bridge=True)
+def _bridge_initialize_megatron(*args, **kwargs):
+    """Bridge's initialize_megatron with allow_no_cuda=True (setup() passes nothing, so it
+    asserts torch.cuda.is_available())."""
+    kwargs["allow_no_cuda"] = True
+    return _bridge_initialize_megatron.__wrapped__(*args, **kwargs)
+
+
+@_replace("megatron.bridge.training.initialize:_warmup_jit_function", trainer=True, bridge=True)
+def _bridge_warmup_jit_function(model_config, micro_batch_size):
+    """Skip Bridge's JIT warm-up on CPU: its warm-up tensors are made on "cuda" (see
+    `_warmup_jit_function` above for why skipping changes no result)."""
+    return None
+
+
+_run_passing_as_cuda(
+    # `.cuda()` on every batch tensor (phase 2, validation and test batches)
+    "megatron.bridge.training.gpt_step:get_batch_from_iterator",
+    # `.cuda()` on the evaluation loss accumulators
+    "megatron.bridge.training.eval:evaluate",
+    trainer=True, bridge=True,
+)
+
+
+def bridge_cpu_settings(cfg) -> None:
+    """Set what a Megatron-Bridge `ConfigContainer` needs on CPU, in place (the counterpart of
+    `TRAINER_CPU_ARGS` and the local layers' arguments): gloo, megatron-core's plain-PyTorch
+    layer spec (`local_layer_spec`: no Transformer Engine), weights on the CPU generator, and
+    every fused CUDA/Apex kernel off."""
+    from megatron.bridge.models.gpt_provider import local_layer_spec
+
+    cfg.dist.distributed_backend = "gloo"
+    cfg.model.transformer_layer_spec = local_layer_spec
+    for name, value in MODEL_CPU_CONFIG.items():
+        setattr(cfg.model, name, value)
+    for name in ("bias_activation_fusion", "cross_entropy_loss_fusion"):
+        setattr(cfg.model, name, False)
+    cfg.dataset.num_workers = 0
+
+
+def enable_bridge_cpu(*, force: bool = False) -> bool:
+    """`enable_megatron_cpu()` plus the patches Megatron-Bridge's `pretrain` needs on CPU.
+
+    Call it before building the containers' model or calling Bridge's `pretrain`. Megatron-Bridge
+    must be importable (it needs Transformer Engine, or, in tests, tests/te_absent_standin.py).
+    """
+    global _BRIDGE_ENABLED
+    if not enable_megatron_cpu(trainer=True, force=force):
+        return False
+    if not _BRIDGE_ENABLED:
+        for module in _BRIDGE_MODULES:
+            importlib.import_module(module)
+        _apply(trainer=True, bridge=True)
+        _BRIDGE_ENABLED = True
+    return True
+
+
+_BRIDGE_MODULES = ("megatron.bridge.training.pretrain", "megatron.bridge.training.gpt_step")
+"""Imported before the Bridge patches apply (they import every patched module)."""
+
+
+MEGATRON_NAMES: tuple[str, ...] = tuple(
+    p.target for p in _PATCHES if not p.bridge) + tuple(n for n in _RELIED_ON if ".bridge." not in n)
 """Every Megatron name this module patches or relies on, as "module:qualified.name" (with
 "(param)" where it passes that keyword): what tests/test_cpu_support.py checks against the
 installed megatron-core."""
+
+BRIDGE_CPU_NAMES: tuple[str, ...] = tuple(
+    p.target for p in _PATCHES if p.bridge) + tuple(n for n in _RELIED_ON if ".bridge." in n)
+"""Every Megatron-Bridge name `enable_bridge_cpu` patches or relies on, checked by
+tests/test_cpu_support.py against the installed Megatron-Bridge."""

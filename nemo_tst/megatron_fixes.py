@@ -13,6 +13,8 @@ needs, and uses the bookkeeping below for its own stand-ins.
   `--transformer-impl local`): its resume asserts before the first step and restores Adam's
   step wrongly; with fp32 parameters it copies into a leaf that requires grad. Each fix below
   says what goes wrong and how it is mended.
+  Megatron-Bridge's `initialize_megatron` imports `compile_helpers` by name: patched there
+  too once Bridge is imported.
 - Synchronous torch_dist saves: the writer asks for its result queue from a multiprocessing
   Manager started with "spawn" (a fresh interpreter importing torch and the trainer's main
   module, seconds at every launch's first save) for a queue that one thread of this process
@@ -27,6 +29,7 @@ tests/test_megatron_fixes.py checks each against the installed megatron-core.
 
 import importlib
 import queue
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -133,6 +136,21 @@ def _compile_helpers():
         return _compile_helpers.__wrapped__()
 
 
+def _bridge_imported() -> bool:
+    """Megatron-Bridge's initialize module is loaded (the Bridge adapter imported it)."""
+    return "megatron.bridge.training.initialize" in sys.modules
+
+
+@_replace("megatron.bridge.training.initialize:compile_helpers", when=_bridge_imported)
+def _bridge_compile_helpers():
+    """Megatron-Bridge's `initialize_megatron` calls compile_helpers under its own name: the
+    same fix as `_compile_helpers`."""
+    try:
+        importlib.import_module("megatron.core.datasets.helpers_cpp")
+    except ImportError:
+        return _bridge_compile_helpers.__wrapped__()
+
+
 # -- the distributed optimizer without Apex or Transformer Engine ------------------------------
 
 _HAVE_APEX_OR_TE = _relies_on("megatron.core.optimizer.distrib_optimizer:HAVE_APEX_OR_TE")
@@ -223,5 +241,10 @@ def _write_results_queue(*args, **kwargs):
     return _write_results_queue.__wrapped__(*args, **kwargs)
 
 
-MEGATRON_NAMES: tuple[str, ...] = tuple(p.target for p in _PATCHES) + tuple(_RELIED_ON)
-"""Every Megatron name this module patches or relies on, as "module:qualified.name"."""
+MEGATRON_NAMES: tuple[str, ...] = tuple(
+    n for n in [p.target for p in _PATCHES] + _RELIED_ON if not n.startswith("megatron.bridge."))
+"""Every megatron-core name this module patches or relies on, as "module:qualified.name"."""
+
+BRIDGE_FIX_NAMES: tuple[str, ...] = tuple(
+    n for n in [p.target for p in _PATCHES] + _RELIED_ON if n.startswith("megatron.bridge."))
+"""Every Megatron-Bridge name this module patches (applied once the adapter imported Bridge)."""

@@ -2,7 +2,7 @@
 # Set up the environment and run the test suite (what CI runs). Extra args go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh test
+bash scripts/setup.sh test,bridge
 set +e
 .venv/bin/python -m pytest tests "$@"
 rc=$?

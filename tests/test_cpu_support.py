@@ -216,7 +216,7 @@ def test_every_patched_megatron_name_exists(cpu_patches_off):
     """Every attribute nemo_tst.cpu replaces or relies on is still in the installed
     megatron-core: a renamed or moved name fails here, not deep inside a CPU run."""
     assert len(cpu.MEGATRON_NAMES) == len(set(cpu.MEGATRON_NAMES))
-    assert {p.target for p in cpu._PATCHES} <= set(cpu.MEGATRON_NAMES)
+    assert {p.target for p in cpu._PATCHES if not p.bridge} <= set(cpu.MEGATRON_NAMES)
     assert missing_megatron_names(cpu.MEGATRON_NAMES) == []
 
 
@@ -272,6 +272,23 @@ CPU_PATCH_REASONS = {
     "megatron.core.transformer.module:MegatronModule.cuda": "moves the model to the GPU",
     "megatron.core.models.hybrid.hybrid_block:TENorm":
         "an absent Transformer Engine: HybridStack builds its final norm with TE's TENorm",
+    # Megatron-Bridge's trainer (cpu.enable_bridge_cpu)
+    **{f"{module}:torch": CUDA_CALLS for module in (
+        "megatron.bridge.training.train",
+        "megatron.bridge.training.eval",
+        "megatron.bridge.training.utils.train_utils",
+        "megatron.bridge.training.setup",
+        "megatron.bridge.data.loaders",
+        "megatron.bridge.models.model_provider",
+    )},
+    "megatron.bridge.training.checkpointing:torch": "the CUDA RNG state (and CUDA calls)",
+    "megatron.training.models.dist_utils:torch": "CUDA streams and events (and CUDA calls)",
+    "megatron.bridge.training.initialize:torch": "a device count of 1: RNG seeding skips 0",
+    "megatron.bridge.training.initialize:initialize_megatron": "asserts a CUDA device",
+    "megatron.bridge.training.setup:initialize_megatron": "asserts a CUDA device",
+    "megatron.bridge.training.initialize:_warmup_jit_function": "its warm-up tensors are made on 'cuda'",
+    "megatron.bridge.training.gpt_step:get_batch_from_iterator": CUDA_TENSORS,
+    "megatron.bridge.training.eval:evaluate": CUDA_TENSORS,
     **{target: CUDA_TENSORS for target in (
         "megatron.core.models.common.language_module.language_module:"
         "LanguageModule.setup_embeddings_and_output_layer",
@@ -287,6 +304,18 @@ CPU_PATCH_REASONS = {
         "megatron.training.training:check_param_hashes_across_dp_replicas",
     )},
 }
+
+
+def test_every_patched_megatron_bridge_name_exists(cpu_patches_off):
+    """Every Megatron-Bridge attribute nemo_tst.cpu replaces or relies on is still in the
+    installed Megatron-Bridge (the `bridge` extra; see tests/te_absent_standin.py)."""
+    from tests import te_absent_standin
+
+    te_absent_standin.install()
+    assert len(cpu.BRIDGE_CPU_NAMES) == len(set(cpu.BRIDGE_CPU_NAMES))
+    assert {p.target for p in cpu._PATCHES if p.bridge} <= set(cpu.BRIDGE_CPU_NAMES)
+    assert not set(cpu.BRIDGE_CPU_NAMES) & set(cpu.MEGATRON_NAMES)
+    assert missing_megatron_names(cpu.BRIDGE_CPU_NAMES) == []
 
 
 def test_every_cpu_patch_stands_in_for_the_device():

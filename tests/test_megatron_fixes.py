@@ -22,6 +22,14 @@ def test_every_megatron_name_the_fixes_use_exists():
     assert missing_megatron_names(megatron_fixes.MEGATRON_NAMES) == []
 
 
+def test_every_megatron_bridge_name_the_fixes_use_exists():
+    from tests import te_absent_standin
+
+    te_absent_standin.install()
+    assert megatron_fixes.BRIDGE_FIX_NAMES == ("megatron.bridge.training.initialize:compile_helpers",)
+    assert missing_megatron_names(megatron_fixes.BRIDGE_FIX_NAMES) == []
+
+
 def test_the_dataset_helpers_need_no_make_in_a_pip_install():
     """Megatron's own compile_helpers runs `make` where the wheel ships no Makefile and exits
     the process; after the fixes the shipped helpers_cpp extension is used as it is."""

@@ -1,9 +1,9 @@
 """Optional Megatron-Bridge adapter: run TST from a Bridge `ConfigContainer` (a NeMo recipe).
 
-Targets Megatron-Bridge 0.6.x (PyPI `megatron-bridge>=0.6,<0.7`). Written against the source
-of tag v0.6.0, commit 51885cf132b2814188b6855c25a8588254274c2a, whose pinned megatron-core is
-0.19.0, the megatron-core line nemo_tst uses; the parts used here are the same in the 0.6.2
-wheel on PyPI. Bridge itself cannot be imported without NVIDIA Transformer Engine, so every
+Targets Megatron-Bridge 0.6.x (PyPI `megatron-bridge>=0.6,<0.7`), tested with 0.6.2; another
+major/minor version is refused (`require_bridge`). Written against the source of tag v0.6.0,
+commit 51885cf132b2814188b6855c25a8588254274c2a, whose pinned megatron-core is 0.19.0, the
+megatron-core line nemo_tst uses. Bridge imports Transformer Engine unguarded, so every
 `megatron.bridge` import is inside a function: `import nemo_tst.bridge` works anywhere, and the
 Bridge-facing calls raise an ImportError that says what to install. See docs/bridge.md.
 
@@ -11,6 +11,7 @@ Bridge-facing calls raise an ImportError that says what to install. See docs/bri
     provider   TSTDatasetProvider: both phases' data, a Bridge DatasetProvider
     step       tst_forward_step: Bridge's forward step for both phases
     launch     tst_phase_configs (the two phase containers), tst_pretrain (the next phase)
+    cli        `python -m nemo_tst.bridge.cli --recipe NAME key.path=value --tst-bag-size S`
 
     from nemo_tst.bridge import TSTSettings, tst_pretrain
     tst_pretrain(cfg, TSTSettings(bag_size=6, phase1_fraction=0.3))   # run twice: phase 1, 2
@@ -24,6 +25,7 @@ from nemo_tst.bridge.checks import (
     BRIDGE_COMMIT,
     BRIDGE_NAMES,
     BRIDGE_REQUIREMENT,
+    BRIDGE_TESTED,
     BRIDGE_VERSION,
     check_phase_iteration,
     plan_tst_run,
@@ -34,7 +36,7 @@ from nemo_tst.bridge.step import tst_forward_step
 from nemo_tst.core.settings import TSTSettings
 
 __all__ = [
-    "BRIDGE_COMMIT", "BRIDGE_NAMES", "BRIDGE_REQUIREMENT", "BRIDGE_VERSION", "TSTDatasetProvider",
+    "BRIDGE_COMMIT", "BRIDGE_NAMES", "BRIDGE_REQUIREMENT", "BRIDGE_TESTED", "BRIDGE_VERSION", "TSTDatasetProvider",
     "TSTSettings", "check_phase_iteration", "next_tst_phase", "plan_tst_run", "require_bridge",
     "tst_forward_step", "tst_model_hook", "tst_phase_configs", "tst_pretrain",
 ]

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Optional
 
@@ -14,7 +15,7 @@ from nemo_tst.core.run_dir import latest_iteration, phase_dir
 from nemo_tst.core.settings import SettingNames, TSTSettings
 
 __all__ = [
-    "BRIDGE_COMMIT", "BRIDGE_NAMES", "BRIDGE_REQUIREMENT", "BRIDGE_VERSION", "check_phase_iteration",
+    "BRIDGE_COMMIT", "BRIDGE_NAMES", "BRIDGE_REQUIREMENT", "BRIDGE_TESTED", "BRIDGE_VERSION", "check_phase_iteration",
     "check_recipe", "plan_tst_run", "require_bridge",
 ]
 
@@ -23,15 +24,20 @@ BRIDGE_VERSION = "0.6.0"
 BRIDGE_COMMIT = "51885cf132b2814188b6855c25a8588254274c2a"
 """Tag v0.6.0 of github.com/NVIDIA-NeMo/Megatron-Bridge."""
 BRIDGE_REQUIREMENT = "megatron-bridge>=0.6,<0.7"
+BRIDGE_TESTED = "0.6.2"
+"""The release the tests train through (scripts/setup.sh installs it)."""
+_TESTED_LINE = "0.6"
+_UNTESTED_OK = "NEMO_TST_BRIDGE_UNTESTED"
 
 _MISSING_BRIDGE = (
     "nemo_tst.bridge needs NVIDIA Megatron-Bridge (the `megatron.bridge` package), which could "
-    "not be imported here ({error}). Install it with `pip install \"{requirement}\"`: this "
-    "adapter targets Megatron-Bridge 0.6.x (written against tag v{version}, commit "
-    "{commit_short}, on megatron-core 0.19). Megatron-Bridge cannot be imported without NVIDIA Transformer Engine "
-    "(`pip install --no-build-isolation \"transformer-engine[pytorch]\"`, which needs CUDA), so "
-    "it is normally used inside an NVIDIA NeMo container. Without Bridge, run TST through "
-    "Megatron-LM's trainer: `nemo-tst pretrain`."
+    "not be imported here ({error}). This adapter targets Megatron-Bridge 0.6.x (tested with "
+    "{tested}; written against tag v{version}, commit {commit_short}, on megatron-core 0.19): "
+    "NVIDIA NeMo containers ship it; elsewhere `bash scripts/setup.sh test,bridge` installs "
+    "it (docs/bridge.md says why not plain `pip install \"{requirement}\"`). Megatron-Bridge "
+    "imports transformer_engine unguarded, so it needs NVIDIA Transformer Engine "
+    "(`pip install --no-build-isolation \"transformer-engine[pytorch]\"`, which needs CUDA). "
+    "Without Bridge, run TST through Megatron-LM's trainer: `nemo-tst pretrain`."
 )
 
 BRIDGE_NAMES = SettingNames(
@@ -68,19 +74,26 @@ def require_bridge() -> str:
             _MISSING_BRIDGE.format(
                 error=f"{type(err).__name__}: {err}",
                 requirement=BRIDGE_REQUIREMENT,
+                tested=BRIDGE_TESTED,
                 version=BRIDGE_VERSION,
                 commit_short=BRIDGE_COMMIT[:7],
             )
         ) from err
     version = str(getattr(bridge, "__version__", "unknown"))
-    if not version.startswith("0.6.") and not _version_warned:
-        _version_warned = True
-        warnings.warn(
-            f"nemo_tst.bridge targets Megatron-Bridge 0.6.x ({BRIDGE_REQUIREMENT}); found "
-            f"{version}. The ConfigContainer fields, DatasetProvider contract and gpt_step "
-            "forward step it relies on may differ.",
-            stacklevel=2,
+    if version.split(".")[:2] != _TESTED_LINE.split("."):
+        # The adapter leans on Bridge internals (the DatasetProvider contract, gpt_step's
+        # forward step, exit_interval's save-and-exit, the checkpoint tracker) whose change
+        # would break a phase handoff silently, mid-run, rather than fail at start.
+        message = (
+            f"nemo_tst.bridge is tested with Megatron-Bridge {_TESTED_LINE}.x ({BRIDGE_TESTED}); "
+            f"found Megatron-Bridge {version}: install {BRIDGE_REQUIREMENT}, or set "
+            f"{_UNTESTED_OK}=1 to run anyway"
         )
+        if os.environ.get(_UNTESTED_OK) != "1":
+            raise ImportError(message)
+        if not _version_warned:
+            _version_warned = True
+            warnings.warn(message, stacklevel=2)
     return version
 
 
