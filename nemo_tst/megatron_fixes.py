@@ -126,14 +126,19 @@ def remove_megatron_fixes() -> None:
 # -- the dataset helpers -----------------------------------------------------------------------
 
 
-@_replace("megatron.core.datasets.utils:compile_helpers")
-def _compile_helpers():
-    """Build the dataset helpers only when the compiled `helpers_cpp` extension is missing
-    (the wheel ships the extension, not the Makefile `make` needs)."""
+def _helpers_unless_shipped(build: Callable) -> None:
+    """Run `build` (Megatron's `make`) only when the compiled `helpers_cpp` extension is
+    missing: the wheel ships the extension, not the Makefile `make` needs."""
     try:
         importlib.import_module("megatron.core.datasets.helpers_cpp")
     except ImportError:
-        return _compile_helpers.__wrapped__()
+        return build()
+
+
+@_replace("megatron.core.datasets.utils:compile_helpers")
+def _compile_helpers():
+    """compile_helpers, building nothing when the shipped extension imports."""
+    return _helpers_unless_shipped(_compile_helpers.__wrapped__)
 
 
 def _bridge_imported() -> bool:
@@ -143,12 +148,8 @@ def _bridge_imported() -> bool:
 
 @_replace("megatron.bridge.training.initialize:compile_helpers", when=_bridge_imported)
 def _bridge_compile_helpers():
-    """Megatron-Bridge's `initialize_megatron` calls compile_helpers under its own name: the
-    same fix as `_compile_helpers`."""
-    try:
-        importlib.import_module("megatron.core.datasets.helpers_cpp")
-    except ImportError:
-        return _bridge_compile_helpers.__wrapped__()
+    """Megatron-Bridge's `initialize_megatron` calls compile_helpers under its own name."""
+    return _helpers_unless_shipped(_bridge_compile_helpers.__wrapped__)
 
 
 # -- the distributed optimizer without Apex or Transformer Engine ------------------------------
