@@ -23,6 +23,7 @@ import re
 import subprocess
 import sys
 import threading
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -69,7 +70,12 @@ _ARGV_LOCK = threading.Lock()  # Megatron's parser reads sys.argv: one parse at 
 def parse_megatron_args(argv: list[str]) -> argparse.Namespace:
     """Megatron-LM's parser plus the TST group, without Megatron's validation side effects.
     Safe to call from several threads (the demo plans its runs side by side)."""
-    from megatron.training.arguments import parse_args
+    with warnings.catch_warnings():
+        # What optional packages print when Megatron's trainer imports them (NVIDIA Model
+        # Optimizer's version notices and deprecations, say) stays off the launcher's terminal;
+        # each rank's copy goes to the run's log.
+        warnings.simplefilter("ignore")
+        from megatron.training.arguments import parse_args
 
     from nemo_tst.errors import UsageError
 
