@@ -70,13 +70,6 @@ _ARGV_LOCK = threading.Lock()  # Megatron's parser reads sys.argv: one parse at 
 def parse_megatron_args(argv: list[str]) -> argparse.Namespace:
     """Megatron-LM's parser plus the TST group, without Megatron's validation side effects.
     Safe to call from several threads (the demo plans its runs side by side)."""
-    with warnings.catch_warnings():
-        # What optional packages print when Megatron's trainer imports them (NVIDIA Model
-        # Optimizer's version notices and deprecations, say) stays off the launcher's terminal;
-        # each rank's copy goes to the run's log.
-        warnings.simplefilter("ignore")
-        from megatron.training.arguments import parse_args
-
     from nemo_tst.errors import UsageError
 
     def refuse(parser, message):  # one line, not Megatron's 4,000-line usage text
@@ -84,6 +77,12 @@ def parse_megatron_args(argv: list[str]) -> argparse.Namespace:
                          "--megatron-help Megatron-LM's)")
 
     with _ARGV_LOCK:
+        with warnings.catch_warnings():  # under the lock: the filters are process-wide
+            # What optional packages print when Megatron's trainer imports them (NVIDIA Model
+            # Optimizer's version notices and deprecations, say) stays off the launcher's
+            # terminal; each rank's copy goes to the run's log.
+            warnings.simplefilter("ignore")
+            from megatron.training.arguments import parse_args
         saved, saved_error = sys.argv, argparse.ArgumentParser.error
         sys.argv = ["nemo-tst", *argv]
         argparse.ArgumentParser.error = refuse
