@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from nemo_tst.core.run_dir import latest_iteration, phase_dir
-from nemo_tst.training.logs import iteration_line, parse_training_log, training_loss
+from nemo_tst.training.logs import iteration_line, training_loss
 from tests.distributed import free_port
 from tests.bridge_recipes import DECAY, LR, MIN_LR, N, N1, WARMUP, write_recipe_module
 

@@ -221,7 +221,9 @@ def test_overwrite_protection(inputs, tokenizer, tmp_path):
 
 
 def test_preprocess_errors(inputs, tokenizer, tmp_path):
-    run = lambda paths, **kw: preprocess(paths, tmp_path / "e", tokenizer, progress=False, **kw)
+    def run(paths, **kw):
+        return preprocess(paths, tmp_path / "e", tokenizer, progress=False, **kw)
+
     with pytest.raises(ValueError, match="inputs: .*nope.txt' does not exist"):
         run([tmp_path / "nope.txt"])
     (tmp_path / "bins").mkdir()

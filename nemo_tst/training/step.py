@@ -17,7 +17,6 @@ from typing import Optional
 import torch
 
 from megatron.core import parallel_state
-from megatron.core.rerun_state_machine import get_rerun_state_machine
 from megatron.core.utils import get_attr_wrapped_model
 from megatron.training import get_args
 from megatron.training.utils import is_first_or_last_pipeline_stage
