@@ -34,7 +34,7 @@ slot measures the milliseconds per iteration and the process start-up cost), the
 largest multiple of 80 whose runs finish within --budget-minutes. The chosen N is kept in
 <work-dir>/plan_<size>.json, so a rerun resumes the same runs (finished runs are skipped;
 unfinished ones continue from their last checkpoint). Pass --steps N to fix it. With
---prepare-only the script builds the data and calibrates, choosing N for a later call that gets
+--prepare-only the script builds the data and calibrates, choosing N for a later command that gets
 the whole --budget-minutes for training: where one command may run only so long, one command
 prepares and the next trains.
 
@@ -301,7 +301,7 @@ def head_start(tst: dict, base: dict, n1: int) -> list[dict]:
     return rows
 
 
-def main(argv=None) -> dict:
+def parse_options(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     C.add_device_args(parser, default_out="benchmarks/results/quality.json")
     parser.add_argument("--work-dir", type=Path, default=Path("benchmarks/work/quality"),
@@ -319,7 +319,7 @@ def main(argv=None) -> dict:
                         help="longer baselines for the iso-loss speedup (none: baseline vs TST only)")
     parser.add_argument("--concurrency", type=int, default=None, help="runs at once (CUDA: all, CPU: 2)")
     parser.add_argument("--prepare-only", action="store_true",
-                        help="build the data and calibrate N (for a later call with the same "
+                        help="build the data and calibrate N (for a later command with the same "
                              "--budget-minutes and --work-dir), then stop")
     parser.add_argument("--data-only", action="store_true",
                         help="build the data (corpus, BPE, indexed datasets) in --work-dir, then stop; "
@@ -332,72 +332,54 @@ def main(argv=None) -> dict:
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--attention", choices=["sdpa", "unfused"], default=None,
                         help="--tst-attention for the trainer, when it has that option")
-    opts = parser.parse_args(argv)
-    device = C.resolve_device(opts.device)
-    cpu = device.type == "cpu"
-    start = time.time()
-    deadline = start + opts.budget_minutes * 60 if opts.budget_minutes else None
-    size_name = opts.size or ("cpu-smoke" if cpu else "budget")
-    recipe = size_recipe(size_name, vocab=opts.vocab, lr=opts.lr)
-    preset_bytes = SIZES[size_name]["corpus_bytes"]
-    max_bytes = opts.corpus_bytes if opts.corpus_bytes is not None else preset_bytes
-    preset_steps = SIZES[size_name].get("steps")
-    n_runs = 2 + len(opts.baseline_multipliers) + len(opts.extra_bag_sizes)
-    concurrency = opts.concurrency or (min(2, n_runs) if cpu else n_runs)
-    threads = max(1, (os.cpu_count() or 1) // concurrency) if cpu else None
-    work = opts.work_dir.resolve()
-    work.mkdir(parents=True, exist_ok=True)
+    return parser.parse_args(argv)
 
+
+def trainer_attention(requested) -> tuple:
+    """(the --tst-attention to pass, None for the trainer's default; the attention used, in words)."""
     from nemo_tst.training.arguments import add_tst_arguments
 
     probe = argparse.ArgumentParser()
     add_tst_arguments(probe)
     has_attention_flag = any("--tst-attention" in a.option_strings for a in probe._actions)
-    attention = opts.attention if has_attention_flag else None  # None: the trainer's default
-    if opts.attention and not has_attention_flag:
+    attention = requested if has_attention_flag else None  # None: the trainer's default
+    if requested and not has_attention_flag:
         print("[quality] this trainer has no --tst-attention option: using its default", file=sys.stderr)
-    attention_used = attention or (f"{probe.get_default('tst_attention')} (trainer default)"
-                                   if has_attention_flag else "unfused (local spec)")
+    used = attention or (f"{probe.get_default('tst_attention')} (trainer default)"
+                         if has_attention_flag else "unfused (local spec)")
+    return attention, used
 
-    data = prepare_code_data(work, vocab=recipe.model.vocab_size, max_bytes=max_bytes,
-                             bpe_bytes=int(opts.bpe_bytes), workers=max(os.cpu_count() or 1, 1))
-    if opts.data_only:
-        print(f"[quality] data ready in {work} ({time.time() - start:.0f}s)", flush=True)
-        return {"data": data}
-    # From here on this process starts trainer process groups: stop them with it. (Set after the
-    # data step: its worker pool must keep the default SIGTERM behaviour.)
-    signal.signal(signal.SIGTERM, _stop_runs)
-    signal.signal(signal.SIGINT, _stop_runs)
 
-    # N: given, preset (CPU smoke), remembered from an earlier call, or calibrated.
+def steps_for_budget(opts, *, work: Path, size_name: str, recipe, data: dict, cpu: bool, attention,
+                     n_runs: int, concurrency: int, threads, deadline) -> tuple:
+    """(N, calibration): given, preset (CPU smoke), remembered from an earlier command, or
+    calibrated to what is left of the budget."""
     plan_file = work / f"plan_{size_name}.json"
-    calibration = None
     if opts.steps:
-        N = opts.steps
-    elif preset_steps and cpu:
-        N = preset_steps
-    elif plan_file.is_file():
+        return opts.steps, None
+    if SIZES[size_name].get("steps") and cpu:
+        return SIZES[size_name]["steps"], None
+    if plan_file.is_file():
         saved = json.loads(plan_file.read_text())
-        N, calibration = saved["steps"], saved.get("calibration")
-        print(f"[quality] reusing N = {N} from {plan_file}", flush=True)
-    else:
-        if deadline is None:
-            raise SystemExit("give --steps N or a --budget-minutes to calibrate N for")
-        calibration = calibrate(work, recipe, data, slots=concurrency, cpu=cpu, attention=attention,
-                                threads=threads)
-        mults = [1.0, 1.0, *opts.baseline_multipliers, *[1.0] * len(opts.extra_bag_sizes)]
-        # With --prepare-only, plan for a later call that starts with data and plan ready.
-        seconds = opts.budget_minutes * 60 if opts.prepare_only else deadline - time.time()
-        N = choose_steps(calibration, mults, n_runs, concurrency, seconds - opts.reserve_seconds)
-        print(f"[quality] calibration: {calibration['ms_per_iteration']:.1f} ms/iteration with "
-              f"{concurrency} runs sharing the device, {calibration['seconds_per_phase_startup']:.0f}s "
-              f"per phase start-up -> N = {N}", flush=True)
-        plan_file.write_text(json.dumps({"steps": N, "calibration": calibration}, indent=2))
+        print(f"[quality] reusing N = {saved['steps']} from {plan_file}", flush=True)
+        return saved["steps"], saved.get("calibration")
+    if deadline is None:
+        raise SystemExit("give --steps N or a --budget-minutes to calibrate N for")
+    calibration = calibrate(work, recipe, data, slots=concurrency, cpu=cpu, attention=attention,
+                            threads=threads)
+    mults = [1.0, 1.0, *opts.baseline_multipliers, *[1.0] * len(opts.extra_bag_sizes)]
+    # With --prepare-only, plan for a later command that starts with data and plan ready.
+    seconds = opts.budget_minutes * 60 if opts.prepare_only else deadline - time.time()
+    N = choose_steps(calibration, mults, n_runs, concurrency, seconds - opts.reserve_seconds)
+    print(f"[quality] calibration: {calibration['ms_per_iteration']:.1f} ms/iteration with "
+          f"{concurrency} runs sharing the device, {calibration['seconds_per_phase_startup']:.0f}s "
+          f"per phase start-up -> N = {N}", flush=True)
+    plan_file.write_text(json.dumps({"steps": N, "calibration": calibration}, indent=2))
+    return N, calibration
 
-    if opts.prepare_only:
-        print(f"[quality] prepared: data in {work}, N = {N} ({plan_file})")
-        return {"steps": N, "data": data, "calibration": calibration}
 
+def run_lengths(opts, N: int) -> dict:
+    """{run name: (s, steps)}: the baseline, the TST runs, the longer baselines."""
     runs = {"baseline": (1, N)}
     for s in [opts.bag_size, *opts.extra_bag_sizes]:
         runs[f"tst_s{s}"] = (s, N)
@@ -406,32 +388,11 @@ def main(argv=None) -> dict:
         if abs(steps - m * N) > 1e-9:
             raise SystemExit(f"{m} x --steps {N} is not a whole number of steps: pick N a multiple of 80")
         runs[f"baseline_x{m:g}"] = (1, steps)
-    lengths = sorted({steps for _, steps in runs.values()})
-    every = eval_interval(lengths, N // 8 if size_name == "cpu-smoke" else N // 16)
-    save_every = every * max(1, (N // 3) // every) if not cpu else N
-    warmup = max(1, min(300, N // 20))
-    jobs = []
-    for name, (s, steps) in runs.items():
-        run_dir = work / f"N{N}" / name
-        argv_run = megatron_argv(recipe, data, steps=steps, bag_size=s, r=opts.phase1_fraction,
-                                 warmup=warmup, eval_every=every, save_every=save_every,
-                                 save=run_dir / "ckpt", cpu=cpu, attention=attention)
-        jobs.append((name, argv_run, run_dir, steps, deadline, threads))
-    statuses = run_all(jobs, concurrency)
+    return runs
 
-    # ----- read the logs back
-    results, phase1_end = {}, {}
-    model = recipe.model
-    for (name, argv_run, run_dir, steps, _, _), status in zip(jobs, statuses):
-        run = read_run(run_dir / "train.log", argv_run)
-        results[name] = {
-            "bag_size": run["bag_size"], "steps": steps, "phase1_iters": run["phase1_iters"],
-            "status": status["status"], "wall_seconds": status["seconds"],
-            "final_loss": run["valid"].get(steps), "valid": run["valid"], "text_tokens": run["text_tokens"],
-        }
-        if run["bag_size"] > 1:
-            phase1_end[name] = run["phase1_iters"]
 
+def iso_loss_summary(results: dict, N: int) -> tuple[dict, list]:
+    """({TST run: its comparison with the baselines}, the baselines' (steps, final loss))."""
     base = results["baseline"]["final_loss"]
     points = [(r["steps"], r["final_loss"]) for r in results.values()
               if r["bag_size"] == 1 and r["final_loss"] is not None]
@@ -445,8 +406,12 @@ def main(argv=None) -> dict:
                 "iso_loss_speedup": speedup, "speedup_how": how,
                 "reaches_baseline_final_at": steps_to_reach(r["valid"], base),
             }
+    return summary, points
 
-    env = C.environment(device)
+
+def print_report(title: str, results: dict, summary: dict) -> str:
+    """The table, each TST run against the targets, and where its gap comes from; returns the
+    table as markdown."""
     rows = []
     for name, r in results.items():
         sm = summary.get(name, {})
@@ -456,11 +421,6 @@ def main(argv=None) -> dict:
                      (C.fmt(sm.get("iso_loss_speedup"), ".2f") + "x" if sm.get("iso_loss_speedup")
                       else sm.get("speedup_how", "-")) if sm else "-",
                      f"{r['wall_seconds']:.0f}", r["status"].split(":")[0]])
-    title = (f"quality at equal FLOPs: {model.num_layers} layers, hidden {model.hidden_size}, "
-             f"{model.num_attention_heads} heads, ffn {model.ffn_hidden_size}, V {data['vocab_size']}, "
-             f"L {model.seq_length}, global batch {recipe.training.global_batch_size}, {attention_used} attention, N = {N}, TST r = "
-             f"{opts.phase1_fraction}, held-out "
-             f"next-token loss every {every} steps; {env['device']}")
     md = C.print_table(title, ["run", "s", "steps", "text tokens", "final loss", "TST - base",
                                "iso-loss speedup", "wall s", "status"], rows)
     for name, sm in summary.items():
@@ -478,6 +438,75 @@ def main(argv=None) -> dict:
             for h in dict((h["k"], h) for h in shown).values():
                 print(f"  iteration {h['iteration']:>6} (k = {h['k']:>5}): head start "
                       f"{h['head_start']:+.4f}, gap {C.fmt(h['gap'], '+.4f')}")
+    return md
+
+
+def main(argv=None) -> dict:
+    opts = parse_options(argv)
+    device = C.resolve_device(opts.device)
+    cpu = device.type == "cpu"
+    start = time.time()
+    deadline = start + opts.budget_minutes * 60 if opts.budget_minutes else None
+    size_name = opts.size or ("cpu-smoke" if cpu else "budget")
+    recipe = size_recipe(size_name, vocab=opts.vocab, lr=opts.lr)
+    max_bytes = opts.corpus_bytes if opts.corpus_bytes is not None else SIZES[size_name]["corpus_bytes"]
+    n_runs = 2 + len(opts.baseline_multipliers) + len(opts.extra_bag_sizes)
+    concurrency = opts.concurrency or (min(2, n_runs) if cpu else n_runs)
+    threads = max(1, (os.cpu_count() or 1) // concurrency) if cpu else None
+    work = opts.work_dir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    attention, attention_used = trainer_attention(opts.attention)
+
+    data = prepare_code_data(work, vocab=recipe.model.vocab_size, max_bytes=max_bytes,
+                             bpe_bytes=int(opts.bpe_bytes), workers=max(os.cpu_count() or 1, 1))
+    if opts.data_only:
+        print(f"[quality] data ready in {work} ({time.time() - start:.0f}s)", flush=True)
+        return {"data": data}
+    # From here on this process trains: a signal stops it and its runs. (Set after the data
+    # step: its worker pool must keep the default SIGTERM behaviour.)
+    signal.signal(signal.SIGTERM, _stop_runs)
+    signal.signal(signal.SIGINT, _stop_runs)
+    N, calibration = steps_for_budget(opts, work=work, size_name=size_name, recipe=recipe, data=data, cpu=cpu,
+                                      attention=attention, n_runs=n_runs, concurrency=concurrency,
+                                      threads=threads, deadline=deadline)
+    if opts.prepare_only:
+        print(f"[quality] prepared: data in {work}, N = {N} ({work / f'plan_{size_name}.json'})")
+        return {"steps": N, "data": data, "calibration": calibration}
+
+    runs = run_lengths(opts, N)
+    lengths = sorted({steps for _, steps in runs.values()})
+    every = eval_interval(lengths, N // 8 if size_name == "cpu-smoke" else N // 16)
+    save_every = every * max(1, (N // 3) // every) if not cpu else N
+    warmup = max(1, min(300, N // 20))
+    jobs = []
+    for name, (s, steps) in runs.items():
+        run_dir = work / f"N{N}" / name
+        argv_run = megatron_argv(recipe, data, steps=steps, bag_size=s, r=opts.phase1_fraction,
+                                 warmup=warmup, eval_every=every, save_every=save_every,
+                                 save=run_dir / "ckpt", cpu=cpu, attention=attention)
+        jobs.append((name, argv_run, run_dir, steps, deadline, threads))
+    statuses = run_all(jobs, concurrency)
+
+    results, phase1_end = {}, {}
+    for (name, argv_run, run_dir, steps, _, _), status in zip(jobs, statuses):
+        run = read_run(run_dir / "train.log", argv_run)
+        results[name] = {
+            "bag_size": run["bag_size"], "steps": steps, "phase1_iters": run["phase1_iters"],
+            "status": status["status"], "wall_seconds": status["seconds"],
+            "final_loss": run["valid"].get(steps), "valid": run["valid"], "text_tokens": run["text_tokens"],
+        }
+        if run["bag_size"] > 1:
+            phase1_end[name] = run["phase1_iters"]
+    summary, points = iso_loss_summary(results, N)
+
+    env = C.environment(device)
+    model = recipe.model
+    title = (f"quality at equal FLOPs: {model.num_layers} layers, hidden {model.hidden_size}, "
+             f"{model.num_attention_heads} heads, ffn {model.ffn_hidden_size}, V {data['vocab_size']}, "
+             f"L {model.seq_length}, global batch {recipe.training.global_batch_size}, {attention_used} attention, N = {N}, TST r = "
+             f"{opts.phase1_fraction}, held-out "
+             f"next-token loss every {every} steps; {env['device']}")
+    md = print_report(title, results, summary)
     png = opts.out.with_name(opts.out.stem + "_loss_curves.png")
     png.parent.mkdir(parents=True, exist_ok=True)
     plotted = plot_iso_loss(results, phase1_end, points, png)

@@ -23,7 +23,7 @@ many more steps. Both runs get the recipe's Megatron arguments (`run_argvs`). Re
 same command resumes: data already prepared is reused, finished runs are skipped, unfinished
 ones continue.
 
-The package, each part usable on its own (benchmarks/quality.py uses all but the last two):
+The package, each part usable on its own (benchmarks/quality.py uses the first five):
     data      corpus -> BPE -> Megatron indexed datasets, and the recipe overrides that read them
     runs      runs trained side by side through `nemo-tst pretrain`'s driver
     progress  the live line per run

@@ -37,6 +37,7 @@ class Progress:
         self.state = {name: dict(info, step=None, loss=None, held_out=None, rate_from=None,
                                  status="waiting", printed=0.0) for name, info in runs.items()}
         self.drawn = 0  # live lines currently on the terminal
+        self.name_width = max(9, *(len(name) + 1 for name in runs))  # the lines' columns align
 
     # -- input ----------------------------------------------------------------------------------
     def feed(self, name: str, line: str) -> None:
@@ -81,7 +82,7 @@ class Progress:
     # -- output ---------------------------------------------------------------------------------
     def line(self, name: str) -> str:
         st = self.state[name]
-        head = f"{name:<9}"
+        head = f"{name:<{self.name_width}}"
         if st["step"] is None:
             return f"{head}{st['status']}"
         phase = ""

@@ -8,7 +8,7 @@ ended.
 
 With a deadline (`train(..., deadline=)`), each phase is launched on its own with Megatron's
 `--exit-duration-in-mins` set to the time left when it starts: Megatron then saves and exits
-cleanly, and the same call again resumes.
+cleanly, and `train` again resumes the run.
 """
 
 import threading
