@@ -1,9 +1,7 @@
 """The driver's launch plan without launching: which phases run, where each rank starts, how a
-launch is started, and the demo's terminal pieces (progress line, verdict). No training here."""
+launch is started. No training here."""
 
-import io
 import os
-import re
 from pathlib import Path
 
 import pytest
@@ -101,43 +99,6 @@ def test_one_process_runs_the_rank_without_torchrun():
 
 LINE = (" [2026-12-01 10:00:00] iteration      {it:>3}/     100 | consumed samples: 16 | "
         "learning rate: 1.000000E-03 | {key}: {loss:.6E} | loss scale: 1.0 |\n")
-
-
-def test_progress_lines_plain_and_in_place():
-    from nemo_tst.demo import Progress
-
-    plain = io.StringIO()
-    progress = Progress({"baseline": {"phase1_iters": 0}, "tst": {"phase1_iters": 30}}, plain, tty=False, every=0)
-    progress.feed("tst", "training ...\n")
-    progress.feed("tst", LINE.format(it=10, key="tst loss", loss=7.25))
-    progress.feed("tst", " validation loss at iteration 10 | lm loss value: 6.500000E+00 | lm loss PPL: 1.0 |\n")
-    progress.feed("tst", LINE.format(it=40, key="lm loss", loss=5.5))
-    progress.set_status("baseline", "complete (reused)")
-    lines = plain.getvalue().splitlines()
-    assert lines[0].startswith("[demo] tst") and "step    10/100 phase 1 | loss 7.250" in lines[0]
-    assert "step    40/100 phase 2 | loss 5.500 | held-out 6.500 | ETA" in lines[1]
-    assert lines[-1] == "[demo] baseline complete (reused)"
-
-    term = io.StringIO()
-    progress = Progress({"a": {}, "b": {}}, term, tty=True)
-    progress.feed("a", LINE.format(it=1, key="lm loss", loss=8.0))
-    progress.feed("b", LINE.format(it=2, key="lm loss", loss=7.0))
-    progress.note("[demo] a note")
-    text = term.getvalue()
-    assert "\x1b[2F\x1b[J" in text  # the two live lines are redrawn in place, not appended
-    screen = re.sub(r"\x1b\[\d*[A-Z]", "", text.split("\x1b[2F\x1b[J")[-1])  # the last redraw
-    assert screen.splitlines() == ["[demo] a note", "a        step     1/100 | loss 8.000 | ETA ...",
-                                   "b        step     2/100 | loss 7.000 | ETA ..."]
-
-
-def test_verdict_says_which_run_is_better():
-    from nemo_tst.demo import SCALE_VERDICT, verdict
-
-    worse = verdict(3.20, 3.60, None, 1500)
-    assert "TST ends ABOVE the baseline, i.e. worse after 1500 steps" in worse and SCALE_VERDICT in worse
-    better = verdict(3.20, 3.10, 1200, 1500)
-    assert "0.1000 nats BELOW the baseline" in better and "at step 1200 of 1500" in better
-    assert "1.25x fewer steps" in better
 
 
 def test_trainer_lines_for_the_terminal():
