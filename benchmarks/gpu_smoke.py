@@ -221,6 +221,7 @@ def pretrain_plan(work: Path) -> dict:
 
 
 def step_tst_tiny_pretrain(device: str, work: Path, limit: float) -> dict:
+    from nemo_tst.core.run_dir import RunDirectory
     from nemo_tst.demo import prepare_stdlib_data
     from nemo_tst.training.logs import parse_training_log
 
@@ -259,7 +260,8 @@ def step_tst_tiny_pretrain(device: str, work: Path, limit: float) -> dict:
     status, errors = "pass", []
     losses = {}
     for name, run in runs.items():
-        train_log = work / f"run_{name}" / "train.log"
+        run_directory = RunDirectory(work / f"run_{name}")
+        train_log = run_directory.log
         text = train_log.read_text(errors="replace") if train_log.is_file() else ""
         terminal = (work / f"pretrain_{name}.log").read_text(errors="replace")
         parsed = parse_training_log(text)
@@ -271,7 +273,8 @@ def step_tst_tiny_pretrain(device: str, work: Path, limit: float) -> dict:
             # Phase 2 resumes phase 1's last checkpoint: the handoff.
             "handoff_loaded_at_iteration": next(
                 (int(m.group(1)) for m in re.finditer(
-                    r"successfully loaded checkpoint from \S*phase1\S* .*?at iteration (\d+)", text)), None),
+                    r"successfully loaded checkpoint from " + re.escape(str(run_directory.phase_dir(1)))
+                    + r"\S* .*?at iteration (\d+)", text)), None),
         }
         if run["rc"] != 0:
             status = "fail"
@@ -693,7 +696,10 @@ class Smoke:
         tar_path = self.out.with_name("gpu_smoke_logs.tar.gz")
         with contextlib.suppress(Exception):
             with tarfile.open(tar_path, "w:gz") as tar:
-                for path in sorted(self.work.glob("*.log")) + sorted(self.work.glob("run_*/train.log")):
+                from nemo_tst.core.run_dir import RunDirectory
+
+                run_logs = [RunDirectory(d).log for d in sorted(self.work.glob("run_*"))]
+                for path in sorted(self.work.glob("*.log")) + [p for p in run_logs if p.is_file()]:
                     tar.add(path, arcname=str(path.relative_to(self.work)))
             self.record["logs"] = str(tar_path)
 

@@ -41,10 +41,12 @@ __all__ = ["main"]
 
 def _pretrain_options(parser) -> None:
     """The options `nemo-tst pretrain` adds to Megatron-LM's and the --tst-* ones."""
+    from nemo_tst.core.run_dir import RunDirectory
+
     parser.add_argument("--nproc-per-node", type=positive_int, default=1,
                         help="Processes (GPUs, or CPU ranks with --tst-cpu) on this machine.")
     parser.add_argument("--log-file", type=Path, default=None,
-                        help="Append the trainer's whole output here (default: SAVE/train.log) and "
+                        help=f"Append the trainer's whole output here (default: {RunDirectory('SAVE').log}) and "
                              "keep it off the terminal (default: the terminal shows its progress lines).")
     parser.add_argument("--megatron-help", action="store_true",
                         help="Show every Megatron-LM argument too, then exit.")

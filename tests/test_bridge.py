@@ -33,8 +33,8 @@ from nemo_tst.bridge import (
 from nemo_tst.core.context_parallel import split_for_context_parallel as cp_zigzag_slice
 from nemo_tst.core.data import item_sequence_length, items_needed
 from nemo_tst.core.loss import phase1_loss_terms as tst_phase1_loss
+from nemo_tst.core.run_dir import RunDirectory
 from nemo_tst.core.run_dir import latest_iteration as latest_checkpoint_iteration
-from nemo_tst.core.run_dir import phase2_source, phase_dir
 
 def plan(tst=None, **kw):
     args = dict(run_dir="/ckpt/run", train_iters=1000, global_batch_size=32, seq_length=8)
@@ -47,8 +47,12 @@ def sample_tokens(p):
     return p.superposition.sample_length(p.seq_length)
 
 
+def phase_dir(run, phase):
+    return RunDirectory(run).phase_dir(phase)
+
+
 def phase2_load_dir(run, p):
-    return phase2_source(p, phase_dir(run, 2), phase_dir(run, 1))
+    return RunDirectory(run).phase2_source(p)
 
 
 # ------------------------------------------------------------------------------------------

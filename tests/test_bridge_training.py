@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from nemo_tst.core.run_dir import latest_iteration, phase_dir
+from nemo_tst.core.run_dir import RunDirectory
 from nemo_tst.training.logs import iteration_line, training_loss
 from tests.distributed import free_port
 from tests.bridge_recipes import DECAY, LR, MIN_LR, N, N1, WARMUP, write_recipe_module
@@ -90,8 +90,8 @@ def test_both_phases_train_through_bridge_pretrain_and_hand_off(reference):
     assert f"phase1 [ t 0/1, p 0/1 ] at iteration {N1}" in reference["second"]
     assert "successfully loaded checkpoint" in reference["second"]
     assert "the run is complete" in reference["third"]
-    assert latest_iteration(phase_dir(run, 1)) == N1  # the handoff checkpoint is kept
-    assert latest_iteration(phase_dir(run, 2)) == N
+    assert RunDirectory(run).latest(1) == N1  # the handoff checkpoint is kept
+    assert RunDirectory(run).latest(2) == N
 
     # One WSD schedule over both phases, as Megatron-LM's run has.
     def wsd(it):
@@ -150,7 +150,7 @@ def test_phase_2_resumes_after_a_kill_with_the_same_losses(reference, data, tmp_
     recipe = recipe_for(tmp_path, data)
     bridge_launch(tmp_path, recipe, *TST)  # phase 1
     rc, killed = bridge_launch(tmp_path, recipe, *TST, kill_at=6, check=False)
-    assert rc != 0 and latest_iteration(phase_dir(tmp_path / "run", 2)) == 6, killed[-3000:]
+    assert rc != 0 and RunDirectory(tmp_path / "run").latest(2) == 6, killed[-3000:]
     _, resumed = bridge_launch(tmp_path, recipe, *TST)
     assert "phase2 [ t 0/1, p 0/1 ] at iteration 6" in resumed
     after = bridge_losses(resumed)
@@ -164,8 +164,8 @@ def test_s1_is_one_launch_of_ordinary_training(data, tmp_path):
     _, out = bridge_launch(tmp_path, recipe, "--tst-cpu", "--tst-bag-size", "1")
     losses = bridge_losses(out)
     assert sorted(losses) == list(range(1, N + 1))
-    assert latest_iteration(phase_dir(tmp_path / "run", 2)) == N
-    assert not phase_dir(tmp_path / "run", 1).exists()
+    assert RunDirectory(tmp_path / "run").latest(2) == N
+    assert not RunDirectory(tmp_path / "run").phase_dir(1).exists()
 
 
 @pytest.mark.parametrize(

@@ -68,11 +68,6 @@ def test_s1_rank_starts_at_zero_or_resumes(tmp_path):
     assert message is None and load == tmp_path / "phase2"  # iteration 0 (nothing to load yet)
     message, _ = rank_start(tmp_path, 1, 1)
     assert "--tst-phase 1 with --tst-bag-size 1" in message and "nothing to do" in message
-    # A directory of the two-launch layout: its phase-1 checkpoint continues in the one launch.
-    checkpoint(tmp_path / "phase1", 2)
-    assert [p for p, _ in commands(tmp_path, 1)] == [2]
-    message, load = rank_start(tmp_path, 1, 2)
-    assert message is None and load == tmp_path / "phase1"
     checkpoint(tmp_path / "phase2", 6)
     message, load = rank_start(tmp_path, 1, 2)
     assert message is None and load == tmp_path / "phase2"
@@ -190,12 +185,12 @@ def test_cpu_runs_hide_the_gpus_from_their_ranks(tmp_path, monkeypatch):
 def test_a_run_directory_belongs_to_its_hybrid_layer_pattern(tmp_path):
     """A hybrid run's layer pattern is part of what its directory holds: another pattern
     (even of the same length) is another model, refused before launch, not at load."""
-    from nemo_tst.core.run_dir import check_run_directory
+    from nemo_tst.core.run_dir import RunDirectory
     from nemo_tst.training.arguments import MEGATRON_NAMES
     from nemo_tst.training.driver import claim_run_directory, run_identity
 
     def check_run_directory_for(save, args, plan):
-        check_run_directory(save, run_identity(args, plan), MEGATRON_NAMES)
+        RunDirectory(save).check(run_identity(args, plan), MEGATRON_NAMES)
 
     args = parse_megatron_args(argv_for(tmp_path, 4, "--hybrid-layer-pattern", "*-*-"))
     claim_run_directory(tmp_path, args, plan_from_args(args))

@@ -483,6 +483,52 @@ def test_unfinished_run_unknown_iteration_and_bad_dtype_are_refused(runs, tmp_pa
         export_hf(tmp_path, tmp_path / "other")
 
 
+def complete_checkpoint(directory: Path, iteration: int) -> Path:
+    """A torch_dist checkpoint of `iteration` as megatron-core saves one (one small tensor, no
+    training), recorded as the latest by the tracker, as Megatron's trainer does after a save."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from nemo_tst.core.run_dir import ITERATION_DIR, MEGATRON_TRACKER
+
+    ckpt = directory / ITERATION_DIR.format(iteration)
+    ckpt.mkdir(parents=True)
+    weight = torch.arange(4096, dtype=torch.float32)
+    dist_checkpointing.save({"w": ShardedTensor.from_rank_offsets("w", weight, replica_id=0)}, str(ckpt))
+    (directory / MEGATRON_TRACKER).write_text(str(iteration))
+    return ckpt
+
+
+def test_export_and_a_resume_agree_on_a_damaged_latest_checkpoint(tmp_path, single_rank):
+    """The tracker of phase 2 names iteration N, whose weights file is cut short (a full disk,
+    a copy interrupted): the driver falls back to iteration 4, so the run is not finished, and
+    the export says so instead of reading the damaged checkpoint."""
+    from nemo_tst.core.plan import check_plan
+    from nemo_tst.core.run_dir import RunDirectory
+    from nemo_tst.core.settings import TSTSettings
+    from nemo_tst.export.checkpoint import choose_checkpoint
+    from nemo_tst.training.arguments import MEGATRON_NAMES
+
+    plan = check_plan(MEGATRON_NAMES, TSTSettings(bag_size=4, phase1_iters=N1), train_iters=N,
+                      seq_length=32, global_batch_size=4)
+    run = RunDirectory(tmp_path / "run")
+    run.claim({}, plan, MEGATRON_NAMES)
+    complete_checkpoint(run.phase_dir(1), N1)
+    complete_checkpoint(run.phase_dir(2), 4)
+    damaged = complete_checkpoint(run.phase_dir(2), N)
+    [weights] = [p for p in damaged.iterdir() if p.suffix == ".distcp"]
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+    [(directory, resume_at, problems)] = run.damaged_fallbacks(plan, MEGATRON_NAMES)
+    assert (directory, resume_at) == (run.phase_dir(2), 4) and "truncated" in problems[0]
+    with pytest.raises(ValueError, match=r"at iteration 4 of the plan's 6 \(damaged: .*truncated"):
+        choose_checkpoint(run.root, None, allow_phase1=False)
+    with pytest.raises(ValueError, match=r"--iteration 6: no complete checkpoint .*phase 2 has \[4\]"):
+        choose_checkpoint(run.root, N, allow_phase1=False)
+    choice = choose_checkpoint(run.root, resume_at, allow_phase1=False)
+    assert (choice.path, choice.phase, choice.final_iteration) == (run.iteration_dir(2, 4), 2, N)
+
+
 def test_report_max_logit_differences():
     """Prints the measured differences (pytest -s); last in this module."""
     for case, diff in MAX_DIFFS.items():

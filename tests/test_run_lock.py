@@ -12,7 +12,8 @@ import sys
 
 import pytest
 
-from nemo_tst.core.run_dir import LOCK, LOCK_FILE, RunLock, check_run_directory
+from nemo_tst.core.run_dir import LOCK, LOCK_FILE, RunDirectory
+from nemo_tst.core.run_lock import RunLock
 from nemo_tst.training.arguments import MEGATRON_NAMES
 
 UNSUPPORTED = ["ENOSYS", "EOPNOTSUPP", "ENOLCK"]
@@ -48,7 +49,7 @@ def test_without_flock_one_run_per_directory_is_kept_by_a_lock_file(monkeypatch,
     assert f"--save {run} is in use by another run (pid {os.getpid()} on host {socket.gethostname()}, since" in message
     assert (run / LOCK_FILE).is_file()  # the refusal took nothing away
     # The directory stays a TST run directory to claim (the lock comes before the claim).
-    check_run_directory(run, {}, MEGATRON_NAMES)
+    RunDirectory(run).check({}, MEGATRON_NAMES)
     first.release()
     assert not (run / LOCK_FILE).exists()
     with RunLock(run, say=said.append).acquire(MEGATRON_NAMES):

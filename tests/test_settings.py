@@ -101,7 +101,7 @@ def test_phase1_length_is_given_one_way():
 
 
 def test_run_identity_holds_every_setting():
-    """A rerun with any TST setting changed is another run (`run_dir.check_run_directory`)."""
+    """A rerun with any TST setting changed is another run (`RunDirectory.check`)."""
     from nemo_tst.core.plan import TSTPlan
     from nemo_tst.core.run_dir import settings_identity
 

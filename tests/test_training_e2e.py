@@ -399,7 +399,7 @@ def test_damaged_latest_checkpoint_is_found_and_an_earlier_one_chosen(reference,
     """Each kind of damage, in each phase: the driver's check names it and picks the newest
     complete checkpoint of the same phase (or, in phase 2 with none, the handoff), without
     touching anything until the run goes ahead."""
-    from nemo_tst.core import run_dir
+    from nemo_tst.core.run_dir import RunDirectory
     from nemo_tst.training.arguments import MEGATRON_NAMES, plan_from_args
     from nemo_tst.training.driver import parse_megatron_args
 
@@ -408,7 +408,7 @@ def test_damaged_latest_checkpoint_is_found_and_an_earlier_one_chosen(reference,
     _damage(latest, kind)
     plan = plan_from_args(parse_megatron_args(reference["argv"] + ["--save", str(save)]))
     before = sorted(str(p) for p in save.rglob("*"))
-    fixes = run_dir.damaged_checkpoint_fallbacks(save, plan, MEGATRON_NAMES)
+    fixes = RunDirectory(save).damaged_fallbacks(plan, MEGATRON_NAMES)
     assert sorted(str(p) for p in save.rglob("*")) == before  # a check changes nothing
     [(directory, iteration, problems)] = fixes
     assert directory == save / f"phase{phase}"
@@ -462,7 +462,8 @@ def test_a_second_run_on_the_same_directory_refuses_naming_the_holder(reference,
     import socket
     import time
 
-    from nemo_tst.core.run_dir import LOCK, RunLock
+    from nemo_tst.core.run_dir import LOCK
+    from nemo_tst.core.run_lock import RunLock
     from nemo_tst.training.arguments import MEGATRON_NAMES
 
     save = tmp_path / "run"

@@ -11,7 +11,7 @@ import warnings
 from typing import Optional
 
 from nemo_tst.core.plan import TSTPlan, check_plan, run_phases
-from nemo_tst.core.run_dir import latest_iteration, phase_dir
+from nemo_tst.core.run_dir import RunDirectory
 from nemo_tst.core.settings import SettingNames, TSTSettings
 
 __all__ = [
@@ -122,8 +122,8 @@ def plan_tst_run(
         raise TypeError(f"tst must be a nemo_tst.core.settings.TSTSettings, got {type(tst).__name__}")
     if not run_dir:
         raise ValueError(
-            "the TST run needs a checkpoint directory DIR (phase 1 saves to DIR/phase1, phase 2 "
-            "to DIR/phase2): set cfg.checkpoint.save or pass run_dir="
+            "the TST run needs a run directory DIR (each phase saves its checkpoints under "
+            "it): set cfg.checkpoint.save or pass run_dir="
         )
     if train_iters is None or isinstance(train_iters, bool) or train_iters < 2:
         raise ValueError(
@@ -166,7 +166,7 @@ def check_phase_iteration(phase: int, iteration: int, plan: TSTPlan, run_dir) ->
 
     `iteration` is Bridge's `train_state.step`: iterations finished before this one. At s = 1
     the phase-2 container runs the whole run."""
-    n1, p1_dir = plan.phase1_iters, phase_dir(run_dir, 1)
+    n1, p1_dir = plan.phase1_iters, RunDirectory(run_dir).phase_dir(1)
     if phase == 1 and iteration >= n1:
         raise RuntimeError(
             f"the phase-1 container is at iteration {iteration}, but phase 1 ended at iteration "
@@ -177,7 +177,7 @@ def check_phase_iteration(phase: int, iteration: int, plan: TSTPlan, run_dir) ->
         raise RuntimeError(
             f"the phase-2 container is at iteration {iteration}, but phase 2 starts from phase "
             f"1's checkpoint of iteration {n1} in {p1_dir}, which it did not find "
-            f"(latest there: {latest_iteration(p1_dir)}); run phase 1 to its end first "
+            f"(latest there: {RunDirectory(run_dir).latest(1)}); run phase 1 to its end first "
             "(tst_pretrain(..., phase=1)), then rebuild the phase-2 container"
         )
 
@@ -225,8 +225,8 @@ def check_recipe(cfg, run_dir: Optional[str]) -> None:
     ckpt = cfg.checkpoint
     if not (run_dir or ckpt.save):
         raise ValueError(
-            "cfg.checkpoint.save is not set: TST saves phase 1 to DIR/phase1 and phase 2 to "
-            "DIR/phase2; set cfg.checkpoint.save = DIR (or pass run_dir=)"
+            "cfg.checkpoint.save is not set: TST saves each phase's checkpoints under one run "
+            "directory DIR; set cfg.checkpoint.save = DIR (or pass run_dir=)"
         )
     if ckpt.finetune or cfg.peft is not None:
         raise ValueError(

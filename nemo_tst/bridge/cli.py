@@ -46,7 +46,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace
     p.add_argument("--tst-phase", default="next", choices=["next", "1", "2"],
                    help="Which phase this launch runs (default: the next unfinished one).")
     p.add_argument("--tst-run-dir", default=None,
-                   help="DIR for DIR/phase1 and DIR/phase2 (default: checkpoint.save).")
+                   help="The run directory, which holds both phases' checkpoints (default: checkpoint.save).")
     p.add_argument("--tst-cpu", action="store_true",
                    help="Train on CPU with gloo (needs Megatron-Bridge importable there).")
     args, rest = p.parse_known_args(argv)

@@ -3,11 +3,12 @@
     tst_phase_configs(cfg, tst)   recipe ConfigContainer -> (phase-1, phase-2) deep copies
         phase 1   train.train_iters = N (one LR/WD schedule, scheduler untouched),
                   train.exit_interval = n1 (Bridge saves and exits at n1),
-                  checkpoint.save = checkpoint.load = DIR/phase1, model pre-wrap hook
+                  checkpoint.save = checkpoint.load = phase 1's directory of the run
+                  directory DIR (`RunDirectory`), model pre-wrap hook
                   `tst_model_hook` (GPTModel -> TSTGPTModel in place)
-        phase 2   checkpoint.load = where phase 2 resumes (`run_dir.phase2_source`): a resume
-                  (weights, optimizer, scheduler, RNG, iteration, consumed samples), no
-                  finetune, no pretrained_checkpoint; checkpoint.save = DIR/phase2
+        phase 2   checkpoint.load = where phase 2 resumes (`RunDirectory.phase2_source`): a
+                  resume (weights, optimizer, scheduler, RNG, iteration, consumed samples), no
+                  finetune, no pretrained_checkpoint; checkpoint.save = phase 2's directory
         both      dataset = TSTDatasetProvider over the recipe's GPTDatasetConfig;
                   model.seq_length stays L
     tst_pretrain(cfg, tst)        runs the next unfinished phase with Bridge's `pretrain`
@@ -26,7 +27,7 @@ from nemo_tst.bridge.checks import BRIDGE_NAMES, check_recipe, plan_tst_run, req
 from nemo_tst.bridge.provider import dataset_provider_class
 from nemo_tst.bridge.step import tst_forward_step
 from nemo_tst.core.plan import TSTPlan, run_phases
-from nemo_tst.core.run_dir import phase2_source, phase_dir, phases_to_run
+from nemo_tst.core.run_dir import RunDirectory
 from nemo_tst.core.settings import TSTSettings
 from nemo_tst.megatron_fixes import apply_megatron_fixes
 
@@ -61,7 +62,7 @@ def _add_pre_wrap_hook(model_cfg, hook) -> None:
 
 def next_tst_phase(run_dir, plan: TSTPlan) -> Optional[int]:
     """1 or 2: the phase a launch should run now, judged from the checkpoints; None when done."""
-    todo = phases_to_run(run_dir, plan, BRIDGE_NAMES)
+    todo = RunDirectory(run_dir).phases_to_run(plan, BRIDGE_NAMES)
     return todo[0] if todo else None
 
 
@@ -98,14 +99,15 @@ def tst_phase_configs(cfg, tst: TSTSettings, *, run_dir: Optional[str] = None):
     phase1.dataset = provider_cls.from_recipe(cfg.dataset, plan, root, 1)
     phase2.dataset = provider_cls.from_recipe(cfg.dataset, plan, root, 2)
 
-    p1_dir, p2_dir = str(phase_dir(root, 1)), str(phase_dir(root, 2))
+    run_directory = RunDirectory(root)
+    p1_dir, p2_dir = str(run_directory.phase_dir(1)), str(run_directory.phase_dir(2))
     phase1.train.exit_interval = plan.phase1_iters
     phase1.checkpoint.save = p1_dir
     phase1.checkpoint.load = p1_dir  # a restarted phase 1 resumes itself
     _add_pre_wrap_hook(phase1.model, tst_model_hook)
 
     phase2.checkpoint.save = p2_dir
-    phase2.checkpoint.load = str(phase2_source(plan, phase_dir(root, 2), phase_dir(root, 1)))
+    phase2.checkpoint.load = str(run_directory.phase2_source(plan))
     phase2.checkpoint.pretrained_checkpoint = None  # never a silent fine-tune from elsewhere
     phase2.checkpoint.finetune = False
     phase2.checkpoint.load_optim = True
@@ -126,8 +128,8 @@ def tst_pretrain(
 ) -> Optional[int]:
     """Run one TST phase with Bridge's `pretrain`; returns the phase run, None if all done.
 
-    phase="next" picks from the checkpoints: phase 1 until DIR/phase1 holds iteration n1, then
-    phase 2 until DIR/phase2 holds N (at s = 1, phase 2 only). Phase 1 ends in Bridge's exit
+    phase="next" picks from the checkpoints: phase 1 until its directory holds iteration n1,
+    then phase 2 until its directory holds N (at s = 1, phase 2 only). Phase 1 ends in Bridge's exit
     at n1 (the process exits after saving), so call this once per launch: the same command,
     run twice, trains both phases, and a rerun after a crash resumes where the run stopped.
     """
@@ -146,7 +148,7 @@ def tst_pretrain(
     last = plan.phase1_iters if which == 1 else plan.train_iters
     print(
         f"[tst] phase {which}: s={tst.bag_size}, L={plan.seq_length}, iterations {first}..{last} "
-        f"of {plan.train_iters}, checkpoints in {phase_dir(root, which)}",
+        f"of {plan.train_iters}, checkpoints in {RunDirectory(root).phase_dir(which)}",
         flush=True,
     )
     apply_megatron_fixes()

@@ -6,7 +6,9 @@
                      and the device a rank's batch lives on
     loss             both phases' losses in the trainers' contract, the non-finite check
     context_parallel the zig-zag split of latent positions
-    run_dir          a run directory: which phase, which iteration, load from where
+    run_dir          a run directory: its layout, manifest, complete and damaged checkpoints,
+                     which phase, which iteration, load from where
+    run_lock         one run per directory: the lock a run holds on it
 
 Imports torch and megatron.core only, never megatron.training or Megatron-Bridge: the
 adapters `nemo_tst.training` (Megatron-LM's trainer) and `nemo_tst.bridge` stand on it.

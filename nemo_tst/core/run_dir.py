@@ -1,24 +1,29 @@
-"""A TST run directory: which phase, which iteration, load from where. Both adapters read it.
+"""A TST run directory: its layout, what it holds, which of its checkpoints are complete.
+Every reader of a run directory goes through `RunDirectory` (the driver, both adapters, the
+export, the demo, the benchmarks); the lock a run holds on it is `nemo_tst.core.run_lock`.
 
-    DIR/tst_run.json   what was trained here: the TST settings, the plan, the model shape
-    DIR/phase1/        phase 1 saves here; it ends with the checkpoint of iteration n1
-    DIR/phase2/        phase 2 loads DIR/phase1 the first time, then itself; saves here
+    DIR/tst_run.json          what was trained here: the TST settings, the plan, the model shape
+    DIR/tst_run.lock          the lock (`RunLock`); DIR/tst_run.lock.held where flock is missing
+    DIR/train.log             the trainer's output, unless the launch names another log
+    DIR/phase1/               phase 1 saves here; it ends with the checkpoint of iteration n1
+    DIR/phase2/               phase 2 loads DIR/phase1 the first time, then itself; saves here
+    DIR/phaseP/iter_NNNNNNN/  one checkpoint; the tracker names the latest complete one
 
 Phase 2 never writes into phase 1's directory, so the handoff checkpoint is never overwritten
 or deleted. Each phase directory is an ordinary Megatron checkpoint directory, whose tracker
 the trainer writes only once a save is complete: an interrupted save is never the latest.
-
 With s = 1 there is no phase 1 (`run_phases`): the whole run is phase 2, iterations 1..N,
-saved in and resumed from DIR/phase2. A directory from the earlier two-launch layout (a
-phase-1 checkpoint, no phase 2 yet) resumes from its phase-1 checkpoint in that one launch:
-at s = 1 both phases are ordinary next-token steps over the same samples.
+saved in and resumed from DIR/phase2.
+
+A checkpoint is complete when every file its metadata names is there at its full length
+(`checkpoint_problem`). The checkpoint a phase resumes from, and the one an export reads, is
+its newest complete checkpoint at or before the tracked one (`usable_checkpoint`,
+`complete_iterations`); a damaged newer one is moved aside before a resume (`fall_back`).
 """
 
-import errno
 import json
 import os
-import sys
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
 
@@ -26,127 +31,229 @@ from nemo_tst.core.plan import TSTPlan, run_phases
 from nemo_tst.core.settings import SettingNames, TSTSettings
 
 __all__ = [
-    "BRIDGE_TRACKER", "LOCK", "LOCK_FILE", "LOCK_HELD_ENV", "MANIFEST", "MEGATRON_TRACKER", "RunLock",
-    "check_run_directory", "checkpoint_problem", "checkpoint_progress", "claim_run_directory",
-    "damaged_checkpoint_fallbacks", "fall_back", "has_checkpoints", "latest_iteration",
-    "phase2_source", "phase_dir", "phase_start", "phases_to_run", "settings_identity",
-    "usable_checkpoint",
+    "BRIDGE_TRACKER", "ITERATION_DIR", "LOCK", "LOCK_FILE", "LOG", "MANIFEST", "MEGATRON_TRACKER",
+    "PHASE_DIRS", "RELEASE_DIR", "RunDirectory", "checkpoint_problem", "complete_iterations",
+    "fall_back", "latest_iteration", "phase_start", "settings_identity", "usable_checkpoint",
 ]
 
 MANIFEST = "tst_run.json"
+LOCK = "tst_run.lock"
+LOCK_FILE = "tst_run.lock.held"
+LOG = "train.log"
+PHASE_DIRS = {1: "phase1", 2: "phase2"}
 MEGATRON_TRACKER = "latest_checkpointed_iteration.txt"
 """Megatron-LM's tracker ("release" or the iteration); Bridge writes it too."""
 BRIDGE_TRACKER = "latest_train_state.pt"
 """Megatron-Bridge's tracker: its TrainState.state_dict(), {"step": tensor, ...}."""
+ITERATION_DIR = "iter_{:07d}"
+"""One checkpoint in a save directory: `ITERATION_DIR.format(iteration)`."""
+RELEASE_DIR = "release"
+"""Megatron's checkpoint of a converted model (iteration 0); its tracker then holds this name."""
 
 
-def phase_dir(run_dir, phase: int) -> Path:
-    return Path(run_dir) / f"phase{phase}"
+@dataclass(frozen=True)
+class RunDirectory:
+    """The run directory DIR of one TST run (Megatron's `--save`, Bridge's `checkpoint.save`)."""
 
+    root: Path
 
-def latest_iteration(checkpoint_dir) -> Optional[int]:
-    """The iteration of the last complete checkpoint in a Megatron or Bridge save directory,
-    or None. Bridge's tracker first, else Megatron-LM's ("release" counts as 0)."""
-    path = Path(checkpoint_dir)
-    if (path / BRIDGE_TRACKER).is_file():
-        import torch
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))
 
-        return int(torch.load(path / BRIDGE_TRACKER, map_location="cpu", weights_only=True)["step"])
-    tracker = path / MEGATRON_TRACKER
-    if not tracker.is_file():
-        return None
-    text = tracker.read_text(errors="replace").strip()
-    if text == "release":
-        return 0
-    if not text.isdigit():
-        raise ValueError(f"{tracker} holds {text[:40]!r}, not an iteration")
-    return int(text)
+    @classmethod
+    def of_phase_dir(cls, path) -> Optional["RunDirectory"]:
+        """The run directory whose phase directory `path` is (a rank's `--save`), or None."""
+        path = Path(path)
+        return cls(path.parent) if path.name in PHASE_DIRS.values() else None
 
+    @property
+    def manifest(self) -> Path:
+        return self.root / MANIFEST
 
-def checkpoint_progress(run_dir, plan: TSTPlan, names: SettingNames) -> tuple[Optional[int], Optional[int]]:
-    """(phase 1's, phase 2's) latest complete iteration, after checking they belong to `plan`."""
-    N, n1 = plan.train_iters, plan.phase1_iters
-    p1_dir, p2_dir = phase_dir(run_dir, 1), phase_dir(run_dir, 2)
-    p1, p2 = _tracked(p1_dir)[0], _tracked(p2_dir)[0]  # an unreadable tracker: a damaged checkpoint
-    for where, it in ((p1_dir, p1), (p2_dir, p2)):
-        if it is not None and it > N:
+    @property
+    def lock(self) -> Path:
+        return self.root / LOCK
+
+    @property
+    def lock_file(self) -> Path:
+        """Where `flock` is unsupported: exists while a run holds the directory."""
+        return self.root / LOCK_FILE
+
+    @property
+    def log(self) -> Path:
+        """The trainer's output when the launch names no other log file."""
+        return self.root / LOG
+
+    def phase_dir(self, phase: int) -> Path:
+        return self.root / PHASE_DIRS[phase]
+
+    def iteration_dir(self, phase: int, iteration: int) -> Path:
+        return self.phase_dir(phase) / ITERATION_DIR.format(iteration)
+
+    def holds_checkpoints_at(self, path) -> bool:
+        """Whether `path` is the run directory or lies inside one of its phase directories."""
+        where, root = Path(path).resolve(), self.root.resolve()
+        return where == root or any(where.is_relative_to(root / name) for name in PHASE_DIRS.values())
+
+    def latest(self, phase: int) -> Optional[int]:
+        """The iteration the phase's tracker names (`latest_iteration`), or None."""
+        return latest_iteration(self.phase_dir(phase))
+
+    def latest_complete(self, phase: int) -> Optional[int]:
+        """The iteration a resume of the phase loads: its newest complete checkpoint at or
+        before the tracked one (`usable_checkpoint`), or None."""
+        return usable_checkpoint(self.phase_dir(phase))[0]
+
+    def complete_iterations(self, phase: int) -> list[int]:
+        """Every complete checkpoint of the phase at or before the tracked one, oldest first."""
+        return complete_iterations(self.phase_dir(phase))
+
+    def is_run(self) -> bool:
+        """Whether the directory holds a manifest or a phase's tracker."""
+        return self.manifest.is_file() or any(
+            (self.phase_dir(phase) / MEGATRON_TRACKER).is_file() for phase in PHASE_DIRS)
+
+    def recorded_plan(self) -> dict:
+        """The plan the manifest records (`claim`), as JSON; {} without a manifest."""
+        if not self.manifest.is_file():
+            return {}
+        return json.loads(self.manifest.read_text()).get("plan", {})
+
+    def has_checkpoints(self) -> bool:
+        """Whether any phase directory of the run holds a checkpoint (complete or not)."""
+        for phase in PHASE_DIRS:
+            directory = self.phase_dir(phase)
+            if _saved_iterations(directory) or (directory / MEGATRON_TRACKER).exists() or (directory / BRIDGE_TRACKER).exists():
+                return True
+        return False
+
+    def progress(self, plan: TSTPlan, names: SettingNames) -> tuple[Optional[int], Optional[int]]:
+        """(phase 1's, phase 2's) tracked iteration, after checking they belong to `plan`."""
+        N, n1 = plan.train_iters, plan.phase1_iters
+        p1_dir, p2_dir = self.phase_dir(1), self.phase_dir(2)
+        p1, p2 = _tracked(p1_dir)[0], _tracked(p2_dir)[0]  # an unreadable tracker: a damaged checkpoint
+        for where, it in ((p1_dir, p1), (p2_dir, p2)):
+            if it is not None and it > N:
+                raise ValueError(
+                    f"{where} holds a checkpoint of iteration {it}, past the plan's end "
+                    f"({names.train_iters}={N}): it belongs to another run; choose a new "
+                    f"{names.run_dir}"
+                )
+        if p1 is not None and p1 > n1 and 1 in run_phases(plan):
             raise ValueError(
-                f"{where} holds a checkpoint of iteration {it}, past the plan's end "
-                f"({names.train_iters}={N}): it belongs to another run; choose a new "
-                f"{names.run_dir}"
+                f"{p1_dir} holds iteration {p1} but phase 1 ends at {n1}: the phase-1 length "
+                f"changed since this run started; rerun with the original {names.phase1_fraction} / "
+                f"{names.phase1_iters} and {names.train_iters}"
             )
-    if p1 is not None and p1 > n1 and 1 in run_phases(plan):
-        raise ValueError(
-            f"{p1_dir} holds iteration {p1} but phase 1 ends at {n1}: the phase-1 length "
-            f"changed since this run started; rerun with the original {names.phase1_fraction} / "
-            f"{names.phase1_iters} and {names.train_iters}"
-        )
-    return p1, p2
+        return p1, p2
 
+    def phases_to_run(self, plan: TSTPlan, names: SettingNames, wanted=(1, 2)) -> list[int]:
+        """The phases of `wanted` still to run, in order, judged from the checkpoints on disk.
 
-def phases_to_run(run_dir, plan: TSTPlan, names: SettingNames, wanted=(1, 2)) -> list[int]:
-    """The phases of `wanted` still to run, in order, judged from the checkpoints on disk.
+        Phase 1 is done once phase 1 holds iteration n1 (or phase 2 has started); phase 2 once
+        it holds N. Asked for phase 2 alone before phase 1's handoff exists, refuses."""
+        N, n1 = plan.train_iters, plan.phase1_iters
+        p1, p2 = self.progress(plan, names)
+        wanted = [p for p in wanted if p in run_phases(plan)]
+        todo = []
+        if 1 in wanted and p2 is None and (p1 or 0) < n1:
+            todo.append(1)
+        if 2 in wanted and (p2 or 0) < N:
+            if 1 not in wanted and 1 in run_phases(plan) and p2 is None and p1 != n1:
+                raise ValueError(
+                    f"phase 2 needs phase 1's checkpoint of iteration {n1} in {self.phase_dir(1)}, "
+                    f"found {'none' if p1 is None else f'iteration {p1}'}; run phase 1 first"
+                )
+            todo.append(2)
+        return todo
 
-    Phase 1 is done once phase 1 holds iteration n1 (or phase 2 has started); phase 2 once it
-    holds N. Asked for phase 2 alone before phase 1's handoff exists, refuses."""
-    N, n1 = plan.train_iters, plan.phase1_iters
-    p1, p2 = checkpoint_progress(run_dir, plan, names)
-    wanted = [p for p in wanted if p in run_phases(plan)]
-    todo = []
-    if 1 in wanted and p2 is None and (p1 or 0) < n1:
-        todo.append(1)
-    if 2 in wanted and (p2 or 0) < N:
-        if 1 not in wanted and 1 in run_phases(plan) and p2 is None and p1 != n1:
+    def phase2_source(self, plan: TSTPlan) -> Path:
+        """Where phase 2 loads from, judged from what is on disk now, without checks
+        (`phase_start` checks): its own directory once it holds a checkpoint, and at s = 1;
+        before that phase 1's handoff."""
+        return _phase2_source(plan, self.phase_dir(2), self.phase_dir(1))
+
+    def check(self, identity: dict, names: SettingNames) -> None:
+        """Refuse a directory that holds another run, or files that are no TST run's. Read-only.
+
+        `identity`: every setting that fixes what the directory holds (the adapter adds the
+        model shape to `settings_identity`). A manifest left by a start that never saved a
+        checkpoint (a failed first launch) does not pin its settings: the corrected command
+        claims the directory anew."""
+        root, manifest = self.root, self.manifest
+        identity = _as_json(identity)
+        if manifest.is_file():
+            try:
+                previous = json.loads(manifest.read_text())["identity"]
+            except (ValueError, KeyError, TypeError) as err:
+                raise ValueError(
+                    f"{manifest} cannot be read ({type(err).__name__}: {err}); restore it, or choose "
+                    f"a new {names.run_dir} directory"
+                ) from None
+            diff = {k: (previous.get(k), v) for k, v in identity.items() if previous.get(k) != v}
+            if diff and self.has_checkpoints():
+                details = ", ".join(f"{k}: {a!r} there vs {b!r} now" for k, (a, b) in diff.items())
+                raise ValueError(
+                    f"{names.run_dir} {root} holds a different TST run ({details}); choose a new "
+                    f"{names.run_dir} directory, or rerun with the original settings to resume it"
+                )
+            return
+        ours = {self.lock.name, self.lock_file.name, self.log.name}
+        if root.exists() and not root.is_dir():
+            raise ValueError(f"{names.run_dir} {root} is a file, not a directory; choose a directory")
+        if root.exists() and any(p.name not in ours for p in root.iterdir()):
             raise ValueError(
-                f"phase 2 needs phase 1's checkpoint of iteration {n1} in {phase_dir(run_dir, 1)}, "
-                f"found {'none' if p1 is None else f'iteration {p1}'}; run phase 1 first"
+                f"{names.run_dir} {root} is not empty and holds no {MANIFEST}: it is not a TST run "
+                f"directory; choose a new or empty {names.run_dir} directory"
             )
-        todo.append(2)
-    return todo
 
+    def claim(self, identity: dict, plan: TSTPlan, names: SettingNames) -> None:
+        """Record the run in the manifest (after `check`, which it repeats): written to a
+        temporary file and renamed, so the manifest is never half written. Call it holding
+        the `RunLock`, once every check has passed: it is the run's first write."""
+        self.check(identity, names)
+        self.root.mkdir(parents=True, exist_ok=True)
+        record = {"identity": _as_json(identity),
+                  "plan": asdict(plan) | {"superposition": asdict(plan.superposition)}}
+        tmp = self.manifest.with_name(MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(record, indent=2, default=str))
+        os.replace(tmp, self.manifest)
 
-def phase2_source(plan: TSTPlan, own: Path, handoff: Path) -> Path:
-    """Where phase 2 loads from, judged from what is on disk now, without checks: its own
-    directory once it holds a checkpoint; before that phase 1's handoff (at s = 1 only when an
-    earlier two-launch run left a checkpoint there, else its own, empty directory)."""
-    if latest_iteration(own) is not None:
-        return own
-    if 1 in run_phases(plan) or latest_iteration(handoff) is not None:
-        return handoff
-    return own
+    def damaged_fallbacks(self, plan: TSTPlan, names: SettingNames) -> list[tuple[Path, Optional[int], list[str]]]:
+        """Before a resume: for each phase directory whose latest checkpoint is damaged, the
+        checkpoint to fall back to, as [(directory, iteration or None, [what is damaged])];
+        empty when nothing is damaged. Changes nothing (`fall_back` applies them). Raises
+        ValueError, naming the path and the fix, when there is nothing complete to fall back to.
 
-
-def phase_start(plan: TSTPlan, phase: int, own: Path, handoff: Optional[Path]) -> tuple[Optional[Path], Optional[str]]:
-    """Where a phase's launch loads from: (directory, None), or (None, why there is nothing to
-    do). `own` is the phase's save directory, `handoff` phase 1's (for phase 2).
-
-    Phase 1 and a started phase 2 resume from their own directory. Phase 2's first start
-    loads phase 1's checkpoint of iteration n1, and refuses without it; at s = 1 it starts
-    from iteration 0 (its own, empty directory), or from the two-launch layout's phase 1."""
-    n1, N = plan.phase1_iters, plan.train_iters
-    single = 1 not in run_phases(plan)
-    done = latest_iteration(own)
-    if phase == 1:
-        if single:
-            return None, "there is no superposition phase at s = 1: nothing to do for phase 1"
-        if done is not None and done >= n1:
-            return None, f"phase 1 is complete (iteration {done} in {own}); nothing to do"
-        return own, None
-    if done is not None:
-        if done >= N:
-            return None, f"phase 2 is complete (iteration {done} in {own}); nothing to do"
-        return own, None
-    if handoff is None:
-        return own, None  # the caller chose what phase 2 loads
-    if single:
-        return phase2_source(plan, own, handoff), None
-    got = latest_iteration(handoff)
-    if got != n1:
-        raise ValueError(
-            f"phase 2 starts from phase 1's checkpoint of iteration {n1} in {handoff}, found "
-            f"{'none' if got is None else f'iteration {got}'}: run phase 1 to its end first"
-        )
-    return handoff, None
+        The newest complete checkpoint of the same phase is taken. Phase 2 with none falls
+        back to phase 1's handoff (phase 2 starts again from it); phase 1's directory is not
+        touched once phase 2 has saved, so the handoff is never given up for a later phase-1
+        state. Nothing ever falls back to a start from scratch."""
+        p1_dir, p2_dir = self.phase_dir(1), self.phase_dir(2)
+        two_phases = 1 in run_phases(plan)
+        fixes = []
+        it2, problems2 = usable_checkpoint(p2_dir)
+        if problems2:
+            if it2 is None and not (two_phases and checkpoint_problem(p1_dir, plan.phase1_iters) is None
+                                    and _tracked(p1_dir) == (plan.phase1_iters, None)):
+                raise ValueError(
+                    f"{p2_dir} holds no complete checkpoint ({'; '.join(problems2)}) and there is "
+                    f"no complete phase-1 handoff to restart phase 2 from; restore the damaged files, "
+                    f"or move {p2_dir} aside to train {'phase 2' if two_phases else 'the run'} again"
+                )
+            fixes.append((p2_dir, it2, problems2))
+            return fixes  # phase 2 resumes (or restarts from the handoff): phase 1 is left as it is
+        if it2 is not None or not two_phases:
+            return fixes
+        it1, problems1 = usable_checkpoint(p1_dir)
+        if problems1:
+            if it1 is None:
+                raise ValueError(
+                    f"{p1_dir} holds no complete checkpoint ({'; '.join(problems1)}); restore the "
+                    f"damaged files, or move {p1_dir} aside to train phase 1 again from iteration 0"
+                )
+            fixes.append((p1_dir, it1, problems1))
+        return fixes
 
 
 def settings_identity(settings: TSTSettings, plan: TSTPlan) -> dict:
@@ -165,251 +272,65 @@ def _as_json(value):
     return json.loads(json.dumps(value, default=str))
 
 
-_IDENTITY_DEFAULTS = {f"tst_{f.name}": f.default for f in fields(TSTSettings)}
+# --------------------------------------------------------------------------------------------
+# One phase's save directory: where a launch starts, which checkpoints are complete
+# --------------------------------------------------------------------------------------------
 
 
-def has_checkpoints(run_dir) -> bool:
-    """Whether any phase directory of the run holds a checkpoint (complete or not)."""
-    for phase in (1, 2):
-        directory = phase_dir(run_dir, phase)
-        if _saved_iterations(directory) or (directory / MEGATRON_TRACKER).exists() or (directory / BRIDGE_TRACKER).exists():
-            return True
-    return False
+def latest_iteration(checkpoint_dir) -> Optional[int]:
+    """The iteration the tracker of a Megatron or Bridge save directory names, or None.
+    Bridge's tracker first, else Megatron-LM's ("release" counts as 0)."""
+    path = Path(checkpoint_dir)
+    if (path / BRIDGE_TRACKER).is_file():
+        import torch
+
+        return int(torch.load(path / BRIDGE_TRACKER, map_location="cpu", weights_only=True)["step"])
+    tracker = path / MEGATRON_TRACKER
+    if not tracker.is_file():
+        return None
+    text = tracker.read_text(errors="replace").strip()
+    if text == RELEASE_DIR:
+        return 0
+    if not text.isdigit():
+        raise ValueError(f"{tracker} holds {text[:40]!r}, not an iteration")
+    return int(text)
 
 
-def check_run_directory(run_dir, identity: dict, names: SettingNames) -> None:
-    """Refuse a directory that holds another run, or files that are no TST run's. Read-only.
+def _phase2_source(plan: TSTPlan, own: Path, handoff: Path) -> Path:
+    if 1 not in run_phases(plan) or latest_iteration(own) is not None:
+        return own
+    return handoff
 
-    `identity`: every setting that fixes what the directory holds (the adapter adds the model
-    shape to `settings_identity`). A setting the manifest lacks (written by an earlier
-    nemo-tst) counts as its default. A manifest left by a start that never saved a checkpoint
-    (a failed first launch) does not pin its settings: the corrected command claims the
-    directory anew."""
-    root = Path(run_dir)
-    manifest = root / MANIFEST
-    identity = _as_json(identity)
-    if manifest.is_file():
-        try:
-            previous = json.loads(manifest.read_text())["identity"]
-        except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(
-                f"{manifest} cannot be read ({type(err).__name__}: {err}); restore it, or choose "
-                f"a new {names.run_dir} directory"
-            ) from None
-        before = {k: previous.get(k, _IDENTITY_DEFAULTS.get(k)) for k in identity}
-        diff = {k: (before[k], v) for k, v in identity.items() if before[k] != v}
-        if diff and has_checkpoints(root):
-            details = ", ".join(f"{k}: {a!r} there vs {b!r} now" for k, (a, b) in diff.items())
-            raise ValueError(
-                f"{names.run_dir} {root} holds a different TST run ({details}); choose a new "
-                f"{names.run_dir} directory, or rerun with the original settings to resume it"
-            )
-        return
-    ours = {LOCK, LOCK_FILE, "train.log"}
-    if root.exists() and not root.is_dir():
-        raise ValueError(f"{names.run_dir} {root} is a file, not a directory; choose a directory")
-    if root.exists() and any(p.name not in ours for p in root.iterdir()):
+
+def phase_start(plan: TSTPlan, phase: int, own: Path, handoff: Optional[Path]) -> tuple[Optional[Path], Optional[str]]:
+    """Where a phase's launch loads from: (directory, None), or (None, why there is nothing to
+    do). `own` is the phase's save directory, `handoff` phase 1's (for phase 2).
+
+    Phase 1 and a started phase 2 resume from their own directory. Phase 2's first start
+    loads phase 1's checkpoint of iteration n1, and refuses without it; at s = 1 it starts
+    from iteration 0, in its own, empty directory."""
+    n1, N = plan.phase1_iters, plan.train_iters
+    single = 1 not in run_phases(plan)
+    done = latest_iteration(own)
+    if phase == 1:
+        if single:
+            return None, "there is no superposition phase at s = 1: nothing to do for phase 1"
+        if done is not None and done >= n1:
+            return None, f"phase 1 is complete (iteration {done} in {own}); nothing to do"
+        return own, None
+    if done is not None:
+        if done >= N:
+            return None, f"phase 2 is complete (iteration {done} in {own}); nothing to do"
+        return own, None
+    if handoff is None or single:
+        return own, None  # the caller chose what phase 2 loads, or there is no handoff
+    got = latest_iteration(handoff)
+    if got != n1:
         raise ValueError(
-            f"{names.run_dir} {root} is not empty and holds no {MANIFEST}: it is not a TST run "
-            f"directory; choose a new or empty {names.run_dir} directory"
+            f"phase 2 starts from phase 1's checkpoint of iteration {n1} in {handoff}, found "
+            f"{'none' if got is None else f'iteration {got}'}: run phase 1 to its end first"
         )
-
-
-def claim_run_directory(run_dir, identity: dict, plan: TSTPlan, names: SettingNames) -> None:
-    """Record the run in DIR/tst_run.json (after `check_run_directory`, which it repeats):
-    written to a temporary file and renamed, so the manifest is never half written. Call it
-    holding the `RunLock`, once every check has passed: it is the run's first write."""
-    import os
-
-    check_run_directory(run_dir, identity, names)
-    root = Path(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    record = {"identity": _as_json(identity),
-              "plan": asdict(plan) | {"superposition": asdict(plan.superposition)}}
-    tmp = root / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    os.replace(tmp, root / MANIFEST)
-
-
-# --------------------------------------------------------------------------------------------
-# One run per directory
-# --------------------------------------------------------------------------------------------
-
-LOCK = "tst_run.lock"
-LOCK_HELD_ENV = "NEMO_TST_RUN_LOCK_HELD"
-"""Set (to the run directory) in the environment of ranks whose launcher holds the lock."""
-LOCK_FILE = "tst_run.lock.held"
-"""Where `flock` is unsupported: exists while a run holds the directory (who, where, since)."""
-FLOCK_UNSUPPORTED = frozenset(
-    getattr(errno, name) for name in ("ENOSYS", "EOPNOTSUPP", "ENOTSUP", "ENOLCK") if hasattr(errno, name)
-)
-"""What `flock` raises on a file system without lock support (Lustre mounted without
-`flock`, some NFS and FUSE mounts)."""
-
-
-class RunLock:
-    """One run per directory: an exclusive `flock` on DIR/tst_run.lock, which the operating
-    system releases when the holding process ends, however it ends (a crash, SIGKILL, a
-    preempted node), so a stale lock never blocks a rerun. The file says who holds it (host,
-    pid, since when) for the refusal a second run prints.
-
-    `nemo-tst pretrain` takes it before the first write to DIR and holds it over all its
-    launches; its ranks inherit `LOCK_HELD_ENV` and take none. Launched without it (NeMo-Run
-    and Slurm stages start every rank with `python -m nemo_tst.training.pretrain`), global
-    rank 0 of each stage takes it for its lifetime, so a second submission of the same run
-    refuses while a stage trains.
-
-    Where the file system has no `flock` (it raises ENOSYS, EOPNOTSUPP or ENOLCK: Lustre
-    without the `flock` mount option, some NFS and FUSE mounts), the lock is the exclusive
-    creation of DIR/tst_run.lock.held naming the holder (host, pid, since when), removed on
-    release, and one warning line says so (`say`). Nobody removes that file for a holder that
-    dies without releasing: a rerun on the same host takes it over once its process is gone;
-    a run on another host refuses, naming the file to remove if no run holds it."""
-
-    def __init__(self, run_dir, say=None):
-        self.root = Path(run_dir)
-        self.path = self.root / LOCK
-        self.file = self.root / LOCK_FILE
-        self._fd = None
-        self._own_file = None  # the content of LOCK_FILE while this object holds it
-        self._say = say or (lambda text: print(text, file=sys.stderr, flush=True))
-
-    @staticmethod
-    def _describe(info: dict) -> str:
-        if not info:
-            return "an unknown process"
-        return f"pid {info.get('pid')} on host {info.get('host')}, since {info.get('since')}"
-
-    def holder(self) -> str:
-        return self._describe(_read_json(self.path))
-
-    def _in_use(self, names: SettingNames, who: str, extra: str = "") -> ValueError:
-        return ValueError(
-            f"{names.run_dir} {self.root} is in use by another run ({who}): one run per "
-            f"directory; wait for it to finish (or stop it), or choose another {names.run_dir}{extra}"
-        )
-
-    def acquire(self, names: SettingNames) -> "RunLock":
-        import fcntl
-
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise self._in_use(names, self.holder()) from None
-        except OSError as err:
-            os.close(fd)
-            if err.errno not in FLOCK_UNSUPPORTED:
-                raise
-            self._say(
-                f"[nemo-tst] WARNING: the file system of {self.root} does not support flock "
-                f"({errno.errorcode.get(err.errno, err.errno)}); one run per directory is kept by "
-                f"the lock file {self.file} instead, removed when the run ends (for a lock the "
-                f"file system enforces, mount it with flock support, e.g. Lustre's `flock` option)"
-            )
-            return self._acquire_file(names)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(_holder_info()).encode(), 0)
-        self._fd = fd
-        return self
-
-    def _acquire_file(self, names: SettingNames) -> "RunLock":
-        """The lock without flock: create LOCK_FILE exclusively; take over one whose holder
-        is a dead process of this host."""
-        import socket
-
-        for _ in range(3):
-            info = _holder_info()
-            text = json.dumps(info)
-            try:
-                fd = os.open(self.file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                pass
-            else:
-                try:
-                    os.write(fd, text.encode())
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                self._own_file = text
-                return self
-            try:
-                found_text = self.file.read_text()
-            except FileNotFoundError:
-                continue  # released meanwhile: try again
-            found = _read_json(self.file, found_text)
-            remove = (f"; if no run holds it (its process or node is gone), remove {self.file} "
-                      f"and rerun")
-            if found.get("host") != socket.gethostname() or not isinstance(found.get("pid"), int):
-                raise self._in_use(names, self._describe(found), remove)
-            if _process_alive(found["pid"]):
-                raise self._in_use(names, self._describe(found))
-            # Stale: its holder was a process of this host that is gone. Move it aside (atomic:
-            # of two takers one succeeds), and check that what moved is what was judged stale.
-            aside = self.file.with_name(f"{LOCK_FILE}.stale.{os.getpid()}")
-            try:
-                os.rename(self.file, aside)
-            except FileNotFoundError:
-                continue
-            if aside.read_text() != found_text:  # another run took it over meanwhile: put it back
-                os.rename(aside, self.file)
-                raise self._in_use(names, self._describe(_read_json(aside)))
-            aside.unlink()
-            self._say(f"[nemo-tst] took over the lock file {self.file} of {self._describe(found)}, "
-                      f"a process that is gone")
-        raise self._in_use(names, self._describe(_read_json(self.file)), "")
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops the flock
-            self._fd = None
-        if self._own_file is not None:
-            try:
-                if self.file.read_text() == self._own_file:
-                    self.file.unlink()
-            except FileNotFoundError:
-                pass
-            self._own_file = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
-
-
-def _holder_info() -> dict:
-    import socket
-    import time
-
-    return {"host": socket.gethostname(), "pid": os.getpid(),
-            "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-
-
-def _read_json(path: Path, text: Optional[str] = None) -> dict:
-    try:
-        info = json.loads((path.read_text() if text is None else text) or "{}")
-    except (OSError, ValueError):
-        return {}
-    return info if isinstance(info, dict) else {}
-
-
-def _process_alive(pid: int) -> bool:
-    """Whether process `pid` of this host exists."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, another user's
-    return True
-
-
-# --------------------------------------------------------------------------------------------
-# Damaged checkpoints
-# --------------------------------------------------------------------------------------------
+    return handoff, None
 
 
 def checkpoint_problem(checkpoint_dir, iteration: int, *, release: bool = False) -> Optional[str]:
@@ -419,7 +340,7 @@ def checkpoint_problem(checkpoint_dir, iteration: int, *, release: bool = False)
     Reads only metadata: for torch_dist, that metadata.json and `.metadata` parse and that
     every storage file they name exists and is as long as the metadata says; for the legacy
     torch format, that each rank's file exists and is not empty."""
-    it_dir = Path(checkpoint_dir) / ("release" if release else f"iter_{iteration:07d}")
+    it_dir = Path(checkpoint_dir) / (RELEASE_DIR if release else ITERATION_DIR.format(iteration))
     if not it_dir.is_dir():
         return f"{it_dir} is missing"
     meta = it_dir / "metadata.json"
@@ -466,11 +387,29 @@ def _tracked(checkpoint_dir: Path) -> tuple[Optional[int], Optional[str]]:
 
 
 def _saved_iterations(checkpoint_dir: Path) -> list[int]:
+    """The iterations of the ITERATION_DIR directories in a save directory, newest first."""
+    prefix = ITERATION_DIR.split("{", 1)[0]
     found = []
-    for path in Path(checkpoint_dir).glob("iter_*"):
-        if path.is_dir() and path.name[5:].isdigit():
-            found.append(int(path.name[5:]))
+    for path in Path(checkpoint_dir).glob(prefix + "*"):
+        suffix = path.name[len(prefix):]
+        if path.is_dir() and suffix.isdigit():
+            found.append(int(suffix))
     return sorted(found, reverse=True)
+
+
+def _candidates(directory: Path) -> tuple[list[tuple[int, bool]], list[str]]:
+    """([(iteration, is Megatron's release checkpoint)] a resume may load, newest first: the
+    tracked one, then every saved one before it; [why the tracker cannot be read]). With an
+    unreadable tracker every saved checkpoint is a candidate; with none, nothing is."""
+    tracked, why = _tracked(directory)
+    if why is not None:
+        return [(it, False) for it in _saved_iterations(directory)], [f"{directory}: {why}"]
+    if tracked is None:
+        return [], []
+    tracker = directory / MEGATRON_TRACKER
+    release = tracker.is_file() and tracker.read_text(errors="replace").strip() == RELEASE_DIR
+    older = [(it, False) for it in _saved_iterations(directory) if it < tracked]
+    return [(tracked, release), *older], []
 
 
 def usable_checkpoint(checkpoint_dir) -> tuple[Optional[int], list[str]]:
@@ -479,27 +418,21 @@ def usable_checkpoint(checkpoint_dir) -> tuple[Optional[int], list[str]]:
     The tracked checkpoint when it is complete; else the newest complete one before it
     (None if there is none)."""
     directory = Path(checkpoint_dir)
-    tracked, why = _tracked(directory)
-    if tracked is None and why is None:
-        return None, []
-    problems = []
-    if why is not None:
-        problems.append(f"{directory}: {why}")
-    else:
-        release = (directory / MEGATRON_TRACKER).is_file() and \
-            (directory / MEGATRON_TRACKER).read_text(errors="replace").strip() == "release"
-        problem = checkpoint_problem(directory, tracked, release=release)
-        if problem is None:
-            return tracked, []
-        problems.append(problem)
-    for iteration in _saved_iterations(directory):
-        if tracked is not None and iteration >= tracked:
-            continue
-        problem = checkpoint_problem(directory, iteration)
+    candidates, problems = _candidates(directory)
+    for iteration, release in candidates:
+        problem = checkpoint_problem(directory, iteration, release=release)
         if problem is None:
             return iteration, problems
         problems.append(problem)
     return None, problems
+
+
+def complete_iterations(checkpoint_dir) -> list[int]:
+    """Every checkpoint of a save directory a resume could fall back to (`usable_checkpoint`'s
+    candidates that are complete), oldest first."""
+    directory = Path(checkpoint_dir)
+    return sorted(it for it, release in _candidates(directory)[0]
+                  if checkpoint_problem(directory, it, release=release) is None)
 
 
 def fall_back(checkpoint_dir, iteration: Optional[int], say) -> None:
@@ -507,12 +440,10 @@ def fall_back(checkpoint_dir, iteration: Optional[int], say) -> None:
     renamed `iter_NNNNNNN.damaged` (nothing is deleted), and the tracker names `iteration`
     (its old text is kept as `<tracker>.damaged`); with None, the directory is left with no
     tracker, i.e. as a phase that has not saved. Each step is said through `say`."""
-    import os
-
     directory = Path(checkpoint_dir)
     for saved in _saved_iterations(directory):
         if iteration is None or saved > iteration:
-            src = directory / f"iter_{saved:07d}"
+            src = directory / ITERATION_DIR.format(saved)
             dst = src.with_name(src.name + ".damaged")
             n = 1
             while dst.exists():
@@ -531,40 +462,3 @@ def fall_back(checkpoint_dir, iteration: Optional[int], say) -> None:
         say(f"{directory} now resumes from its complete checkpoint of iteration {iteration}")
     else:
         say(f"{directory} holds no complete checkpoint: its phase starts again")
-
-
-def damaged_checkpoint_fallbacks(run_dir, plan: TSTPlan, names: SettingNames) -> list[tuple[Path, Optional[int], list[str]]]:
-    """Before a resume: for each phase directory whose latest checkpoint is damaged, the
-    checkpoint to fall back to, as [(directory, iteration or None, [what is damaged])]; empty
-    when nothing is damaged. Changes nothing (`fall_back` applies them). Raises ValueError,
-    naming the path and the fix, when there is nothing complete to fall back to.
-
-    The newest complete checkpoint of the same phase is taken. Phase 2 with none falls back
-    to phase 1's handoff (phase 2 starts again from it); phase 1's directory is not touched
-    once phase 2 has saved, so the handoff is never given up for a later phase-1 state.
-    Nothing ever falls back to a start from scratch."""
-    p1_dir, p2_dir = phase_dir(run_dir, 1), phase_dir(run_dir, 2)
-    two_phases = 1 in run_phases(plan)
-    fixes = []
-    it2, problems2 = usable_checkpoint(p2_dir)
-    if problems2:
-        if it2 is None and not (two_phases and checkpoint_problem(p1_dir, plan.phase1_iters) is None
-                                and _tracked(p1_dir) == (plan.phase1_iters, None)):
-            raise ValueError(
-                f"{p2_dir} holds no complete checkpoint ({'; '.join(problems2)}) and there is "
-                f"no complete phase-1 handoff to restart phase 2 from; restore the damaged files, "
-                f"or move {p2_dir} aside to train {'phase 2' if two_phases else 'the run'} again"
-            )
-        fixes.append((p2_dir, it2, problems2))
-        return fixes  # phase 2 resumes (or restarts from the handoff): phase 1 is left as it is
-    if it2 is not None or not two_phases:
-        return fixes
-    it1, problems1 = usable_checkpoint(p1_dir)
-    if problems1:
-        if it1 is None:
-            raise ValueError(
-                f"{p1_dir} holds no complete checkpoint ({'; '.join(problems1)}); restore the "
-                f"damaged files, or move {p1_dir} aside to train phase 1 again from iteration 0"
-            )
-        fixes.append((p1_dir, it1, problems1))
-    return fixes

@@ -28,9 +28,9 @@ class OutOfTime(RuntimeError):
 
 def finished(save: Path, iterations: int) -> bool:
     """True once the run in `save` holds its final checkpoint (phase 2's, iteration N)."""
-    from nemo_tst.core.run_dir import latest_iteration, phase_dir
+    from nemo_tst.core.run_dir import RunDirectory
 
-    return latest_iteration(phase_dir(save, 2)) == iterations
+    return RunDirectory(save).latest(2) == iterations
 
 
 def _launches(argv: list[str], deadline: Optional[float]) -> list[list[str]]:

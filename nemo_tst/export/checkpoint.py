@@ -1,8 +1,9 @@
 """Which checkpoint of a TST run to export, and its weights as whole (unsharded) tensors.
 
-A TST run directory (`nemo-tst pretrain --save RUN`, see `nemo_tst.core.run_dir`) holds
-RUN/tst_run.json, RUN/phase1/ and RUN/phase2/, each a Megatron save directory with
-`latest_checkpointed_iteration.txt` and `iter_NNNNNNN/` torch_dist checkpoints.
+A TST run directory (`nemo-tst pretrain --save RUN`) holds a manifest and one Megatron save
+directory per phase (`nemo_tst.core.run_dir.RunDirectory`). The export reads only a checkpoint
+the trainer would resume from: a complete one at or before its phase's tracked iteration, by
+the rule the driver applies (`RunDirectory.complete_iterations`).
 
 The checkpoint is read with megatron-core's own dist-checkpointing: its tensor metadata gives
 every tensor's global shape, and loading a request of whole tensors makes Megatron assemble
@@ -14,13 +15,12 @@ stores the fused QKV and SwiGLU fc1 in their TP=1 layout and layers under their 
 from __future__ import annotations
 
 import contextlib
-import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from nemo_tst.core.run_dir import MEGATRON_TRACKER as TRACKER, latest_iteration
+from nemo_tst.core.run_dir import RunDirectory, usable_checkpoint
 
 __all__ = ["CheckpointChoice", "choose_checkpoint", "read_checkpoint", "unstack_layers"]
 
@@ -33,81 +33,68 @@ class CheckpointChoice:
     """One complete Megatron checkpoint of a TST run."""
 
     path: Path
-    """RUN/phaseP/iter_NNNNNNN."""
+    """The checkpoint's directory (`RunDirectory.iteration_dir`)."""
     phase: int
     iteration: int
     final_iteration: Optional[int]
-    """The plan's last iteration N (RUN/tst_run.json), when the run directory records it."""
+    """The plan's last iteration N, when the run directory's manifest records it."""
 
 
-def _iteration_dir(phase_dir: Path, iteration: int) -> Path:
-    return phase_dir / f"iter_{iteration:07d}"
-
-
-def _complete_iterations(phase_dir: Path) -> list[int]:
-    """Iterations saved in a phase directory up to its tracker: Megatron writes the tracker only
-    after a save completes, so a directory above it may be an interrupted save."""
-    latest = latest_iteration(phase_dir)
-    if latest is None:
-        return []
-    found = []
-    for child in phase_dir.glob("iter_*"):
-        suffix = child.name[len("iter_"):]
-        if suffix.isdigit() and int(suffix) <= latest and (child / "metadata.json").is_file():
-            found.append(int(suffix))
-    return sorted(found)
+def _damage(run: RunDirectory) -> str:
+    """' (damaged: ...)' for the phases whose newest checkpoints are damaged, else ''."""
+    problems = [p for phase in (2, 1) for p in usable_checkpoint(run.phase_dir(phase))[1]]
+    return f" (damaged: {'; '.join(problems)})" if problems else ""
 
 
 def choose_checkpoint(run_dir: Path, iteration: Optional[int], allow_phase1: bool) -> CheckpointChoice:
     """The checkpoint to export: phase 2's final one by default, or `iteration` (looked up in
     phase 2, then phase 1). A phase-1 checkpoint needs `allow_phase1`, unless the run's bag
     size is 1 (a baseline, whose phase 1 is ordinary training)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
+    run = RunDirectory(run_dir)
+    if not run.root.is_dir():
         raise ValueError(f"RUN_DIR {run_dir} does not exist; pass the --save directory of a "
                          "nemo-tst pretrain run")
-    manifest = run_dir / "tst_run.json"
-    phase1, phase2 = run_dir / "phase1", run_dir / "phase2"
-    if not manifest.is_file() and not (phase1 / TRACKER).is_file() and not (phase2 / TRACKER).is_file():
-        raise ValueError(f"RUN_DIR {run_dir} is not a TST run directory (no tst_run.json, no "
-                         "phase1/ or phase2/ checkpoints); pass the --save directory of a "
-                         "nemo-tst pretrain run")
-    plan = json.loads(manifest.read_text()).get("plan", {}) if manifest.is_file() else {}
+    if not run.is_run():
+        raise ValueError(f"RUN_DIR {run_dir} is not a TST run directory (no {run.manifest.name}, "
+                         "no phase checkpoints); pass the --save directory of a nemo-tst "
+                         "pretrain run")
+    plan = run.recorded_plan()
     final = plan.get("train_iters")
     # At s = 1 phase 1 is ordinary next-token training: nothing to recover from.
     superposed = plan.get("superposition", {}).get("bag_size") != 1
-    p1, p2 = _complete_iterations(phase1), _complete_iterations(phase2)
+    phase2 = run.phase_dir(2)
+    p1, p2 = run.complete_iterations(1), run.complete_iterations(2)
 
     if iteration is None:
         if not p2:
             raise ValueError(
-                f"{phase2} holds no complete checkpoint: the run has not reached phase 2; finish "
-                "it (rerun the same nemo-tst pretrain command), or pick a phase-1 checkpoint "
-                f"with --iteration N --allow-phase1 (phase 1 has {p1 or 'none'})"
+                f"{phase2} holds no complete checkpoint{_damage(run)}: the run has not reached "
+                "phase 2; finish it (rerun the same nemo-tst pretrain command), or pick a phase-1 "
+                f"checkpoint with --iteration N --allow-phase1 (phase 1 has {p1 or 'none'})"
             )
         latest = p2[-1]
         if final is not None and latest != final:
             raise ValueError(
-                f"{phase2} is at iteration {latest} of the plan's {final}: the run is unfinished; "
-                "finish it (rerun the same nemo-tst pretrain command), or export this "
+                f"{phase2} is at iteration {latest} of the plan's {final}{_damage(run)}: the run is "
+                "unfinished; finish it (rerun the same nemo-tst pretrain command), or export this "
                 f"checkpoint anyway with --iteration {latest}"
             )
-        return CheckpointChoice(_iteration_dir(phase2, latest), 2, latest, final)
+        return CheckpointChoice(run.iteration_dir(2, latest), 2, latest, final)
 
     if iteration in p2:
-        return CheckpointChoice(_iteration_dir(phase2, iteration), 2, iteration, final)
+        return CheckpointChoice(run.iteration_dir(2, iteration), 2, iteration, final)
     if iteration in p1:
         if superposed and not allow_phase1:
             raise ValueError(
-                f"--iteration {iteration} is a phase-1 checkpoint ({_iteration_dir(phase1, iteration)}): "
+                f"--iteration {iteration} is a phase-1 checkpoint ({run.iteration_dir(1, iteration)}): "
                 "phase 1 trains on bag-averaged inputs with multi-hot targets, and only phase 2 "
                 "recovers ordinary next-token prediction, so it is not the run's final model; "
                 "pass --allow-phase1 to export it anyway, or pick a phase-2 iteration "
                 f"({p2 or 'none yet'})"
             )
-        return CheckpointChoice(_iteration_dir(phase1, iteration), 1, iteration, final)
+        return CheckpointChoice(run.iteration_dir(1, iteration), 1, iteration, final)
     raise ValueError(
-        f"--iteration {iteration}: no complete checkpoint of that iteration in {run_dir}; "
+        f"--iteration {iteration}: no complete checkpoint of that iteration in {run_dir}{_damage(run)}; "
         f"phase 2 has {p2 or 'none'}, phase 1 has {p1 or 'none'}"
     )
 

@@ -3,8 +3,8 @@
 TST's final model is an ordinary Megatron GPT, so exporting it is a renaming and splitting of
 weights; no TST code is involved. What the export does:
 
-    RUN/phase2/iter_N (torch_dist)  ->  OUT/config.json               LlamaForCausalLM (dense)
-                                        OUT/model.safetensors         or Qwen3MoeForCausalLM (MoE)
+    phase 2's checkpoint of N       ->  OUT/config.json               LlamaForCausalLM (dense)
+    (torch_dist, `RunDirectory`)        OUT/model.safetensors         or Qwen3MoeForCausalLM (MoE)
                                         OUT/generation_config.json    (sharded + index when large)
     the run's tokenizer.json        ->  OUT/tokenizer.json, tokenizer_config.json,
                                         special_tokens_map.json
@@ -69,6 +69,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from nemo_tst.core.run_dir import RunDirectory
 from nemo_tst.export.checkpoint import choose_checkpoint, read_checkpoint, unstack_layers
 
 __all__ = ["DTYPES", "export_hf", "unsupported_settings"]
@@ -497,9 +498,7 @@ def _resolve_tokenizer(args, tokenizer: Optional[os.PathLike], ckpt: Path) -> Pa
 def _check_out(out: Path, overwrite: bool, run_dir: Path) -> None:
     if out.exists() and not out.is_dir():
         raise ValueError(f"OUT {out} is a file; choose a directory")
-    run = run_dir.resolve()
-    where = out.resolve()
-    if where == run or any(where.is_relative_to(run / p) for p in ("phase1", "phase2")):
+    if RunDirectory(run_dir).holds_checkpoints_at(out):
         raise ValueError(f"OUT {out} is inside the run's checkpoints; choose another directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"OUT {out} is not empty; choose a new directory, or pass --overwrite "
@@ -567,7 +566,7 @@ def export_hf(run_dir, out, *, iteration: Optional[int] = None, dtype: str = "fp
     """Export a TST run's checkpoint as a Hugging Face checkpoint in OUT; returns OUT.
 
     Args:
-        run_dir: the run's --save directory (RUN/tst_run.json, RUN/phase1, RUN/phase2).
+        run_dir: the run's --save directory (`RunDirectory`).
         out: the directory to write; it must be absent or empty unless `overwrite`.
         iteration: the checkpoint to export; default: phase 2's final one.
         dtype: "fp32" or "bf16", the dtype of the written weights.

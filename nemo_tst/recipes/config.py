@@ -250,7 +250,7 @@ class TSTRecipe:
     precision: Precision = field(default_factory=Precision)
     data: DataPaths = field(default_factory=DataPaths)
     run_dir: Optional[str] = None
-    """`--save`: phase 1 saves to RUN_DIR/phase1, phase 2 to RUN_DIR/phase2."""
+    """`--save`: the run directory, which holds both phases' checkpoints (`RunDirectory`)."""
     cpu: bool = False
     """Run Megatron on CPU with gloo (nemo_tst/cpu.py): tests and machines without a GPU."""
     transformer_impl: str = "transformer_engine"

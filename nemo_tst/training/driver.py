@@ -1,10 +1,10 @@
 """The two-phase run on Megatron-LM's trainer: check, launch, hand off, resume.
 `nemo-tst pretrain` calls `run`.
 
-The run directory is Megatron's `--save DIR`, laid out as `nemo_tst.core.run_dir` says
-(DIR/tst_run.json, DIR/phase1, DIR/phase2); the trainer's full output goes to DIR/train.log
-when no --log-file is given. With s = 1 (the baseline) the run is one launch of ordinary
-training, iterations 1..N, saved in and resumed from DIR/phase2 like a plain Megatron run.
+The run directory is Megatron's `--save DIR`, laid out as `nemo_tst.core.run_dir` says (a
+manifest, one save directory per phase, the trainer's full output when no --log-file is
+given). With s = 1 (the baseline) the run is one launch of ordinary training, iterations
+1..N, saved in and resumed from phase 2's directory like a plain Megatron run.
 
 The same command resumes anywhere: a phase whose directory already holds its final iteration
 is skipped, an unfinished one continues from its latest checkpoint (Megatron restores weights,
@@ -31,10 +31,17 @@ from nemo_tst.training.logs import is_training_start, quiet_cuda_runtime_notice
 
 quiet_cuda_runtime_notice()  # before megatron.core is imported (see its docstring)
 
-from nemo_tst.core import run_dir
 from nemo_tst.core.data import corpus_shortfall, item_sequence_length
 from nemo_tst.core.plan import TSTPlan, run_phases
-from nemo_tst.core.run_dir import latest_iteration
+from nemo_tst.core.run_dir import (
+    RunDirectory,
+    fall_back,
+    latest_iteration,
+    phase_start,
+    settings_identity,
+    usable_checkpoint,
+)
+from nemo_tst.core.run_lock import LOCK_HELD_ENV, RunLock
 from nemo_tst.training.arguments import (
     MEGATRON_NAMES,
     add_tst_arguments,
@@ -52,7 +59,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # Megatron arguments that fix what a checkpoint directory holds, besides the TST settings
-# (`run_dir.settings_identity`): a rerun must agree on all of them.
+# (`settings_identity`): a rerun must agree on all of them.
 MODEL_IDENTITY = (
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
     "num_experts", "seq_length", "global_batch_size", "train_iters", "vocab_size",
@@ -95,12 +102,12 @@ def parse_megatron_args(argv: list[str]) -> argparse.Namespace:
 def run_identity(args, plan: TSTPlan) -> dict:
     """What fixes the contents of a run directory: the model shape, batch, steps and seed, and
     every TST setting."""
-    return {k: getattr(args, k, None) for k in MODEL_IDENTITY} | run_dir.settings_identity(plan.settings, plan)
+    return {k: getattr(args, k, None) for k in MODEL_IDENTITY} | settings_identity(plan.settings, plan)
 
 
 def claim_run_directory(save: Path, args, plan: TSTPlan) -> None:
-    """Record the run in SAVE/tst_run.json, or refuse a directory that holds another run."""
-    run_dir.claim_run_directory(save, run_identity(args, plan), plan, MEGATRON_NAMES)
+    """Record the run in SAVE's manifest, or refuse a directory that holds another run."""
+    RunDirectory(save).claim(run_identity(args, plan), plan, MEGATRON_NAMES)
 
 
 def without_options(argv: list[str], *options: str) -> list[str]:
@@ -135,7 +142,7 @@ def phase_commands(argv: list[str], args, plan: TSTPlan) -> list[tuple[int, list
     At s = 1 that is at most one launch, (2, ...), for all N iterations (`run_phases`)."""
     save = Path(args.save)
     wanted = {"both": (1, 2), "1": (1,), "2": (2,)}[args.tst_phase]
-    todo = run_dir.phases_to_run(save, plan, MEGATRON_NAMES, wanted)
+    todo = RunDirectory(save).phases_to_run(plan, MEGATRON_NAMES, wanted)
     return [(phase, phase_argv(argv, phase, save, plan.phase1_iters)) for phase in todo]
 
 
@@ -143,13 +150,13 @@ def phase_argv(argv: list[str], phase: int, save: Path, phase1_iters: int) -> li
     """The per-rank arguments of one phase (`python -m nemo_tst.training.pretrain ...`): the
     run's arguments with --save/--load/--tst-phase/--exit-interval set for the phase.
 
-    Phase 1 saves to and resumes from SAVE/phase1 and exits at n1. Phase 2 saves to
-    SAVE/phase2 and resumes from it; the first time (nothing there yet) each rank starts
-    from SAVE/phase1 instead (`--tst-phase1-checkpoint`, see `resolve_phase_start`; at s = 1,
-    from iteration 0 when SAVE/phase1 is empty). The arguments do not depend on what is on
-    disk, so a scheduler can submit both phases at once.
+    Phase 1 saves to and resumes from its directory and exits at n1. Phase 2 saves to and
+    resumes from its own; the first time (nothing there yet) each rank starts from phase 1's
+    instead (`--tst-phase1-checkpoint`, see `resolve_phase_start`; at s = 1 from iteration
+    0). The arguments do not depend on what is on disk, so a scheduler can submit both
+    phases at once.
     """
-    p1_dir, p2_dir = save / "phase1", save / "phase2"
+    p1_dir, p2_dir = RunDirectory(save).phase_dir(1), RunDirectory(save).phase_dir(2)
     base = without_options(argv, "--save", "--load", "--tst-phase", "--exit-interval", "--tst-phase1-checkpoint")
     if phase == 1:
         return base + ["--tst-phase", "1", "--save", str(p1_dir), "--load", str(p1_dir),
@@ -161,7 +168,7 @@ def phase_argv(argv: list[str], phase: int, save: Path, phase1_iters: int) -> li
 def resolve_phase_start(args, plan: TSTPlan) -> Optional[str]:
     """On each rank, before Megatron loads: where this phase starts, or why it has nothing to do.
 
-    Sets `args.load` for the phase (`run_dir.phase_start`: its own directory, or phase 1's
+    Sets `args.load` for the phase (`phase_start`: its own directory, or phase 1's
     handoff for phase 2's first start). Returns a message (and the rank should exit 0) when
     the phase is already complete, or is phase 1 of an s = 1 run (which has none); raises
     ValueError when phase 2 (s > 1) has neither its own checkpoint nor phase 1's final one."""
@@ -172,13 +179,13 @@ def resolve_phase_start(args, plan: TSTPlan) -> Optional[str]:
     if own is None:
         return None  # nothing to resume from: Megatron starts at iteration 0
     handoff = getattr(args, "tst_phase1_checkpoint", None) if phase == 2 else None
-    load, nothing_to_do = run_dir.phase_start(plan, phase, own, Path(handoff) if handoff else None)
+    load, nothing_to_do = phase_start(plan, phase, own, Path(handoff) if handoff else None)
     if nothing_to_do:
         return nothing_to_do
     # Only global rank 0 reads the checkpoint's metadata (a shared file system serves one
     # reader, not every rank); a damaged checkpoint stops it, and the launcher (torchrun, srun)
     # then ends the others.
-    damaged = run_dir.usable_checkpoint(load)[1] if os.environ.get("RANK", "0") == "0" else []
+    damaged = usable_checkpoint(load)[1] if os.environ.get("RANK", "0") == "0" else []
     if damaged:  # ranks do not repair (they run at once): the driver does, before it launches
         raise ValueError(
             f"the latest checkpoint in {load} is damaged ({'; '.join(damaged)}): run `nemo-tst "
@@ -395,7 +402,7 @@ def check_before_launch(argv: list[str], args, plan: TSTPlan, nproc: int) -> lis
     """Every check a run passes on the machine that launches it, before anything is written:
     nemo-tst's own arguments, the parallel layout, data and tokenizer, the run directory and
     its checkpoints, what this machine provides, and Megatron-LM's own validation. Returns the
-    damaged-checkpoint fallbacks the run will make (`run_dir.damaged_checkpoint_fallbacks`)."""
+    damaged-checkpoint fallbacks the run will make (`RunDirectory.damaged_fallbacks`)."""
     if args.exit_interval:
         raise ValueError("--exit-interval is set by nemo-tst to end phase 1; remove it")
     if not args.save:
@@ -405,12 +412,12 @@ def check_before_launch(argv: list[str], args, plan: TSTPlan, nproc: int) -> lis
             "--load is managed by nemo-tst (phase 2 loads phase 1's checkpoint): pass only "
             "--save, and rerun the same command to resume"
         )
-    save = Path(args.save)
-    run_dir.check_run_directory(save, run_identity(args, plan), MEGATRON_NAMES)
+    run_directory = RunDirectory(args.save)
+    run_directory.check(run_identity(args, plan), MEGATRON_NAMES)
     check_parallel_layout(args, nproc)
     check_data_and_tokenizer(args, plan)
-    run_dir.checkpoint_progress(save, plan, MEGATRON_NAMES)  # the checkpoints belong to this plan
-    fallbacks = run_dir.damaged_checkpoint_fallbacks(save, plan, MEGATRON_NAMES)
+    run_directory.progress(plan, MEGATRON_NAMES)  # the checkpoints belong to this plan
+    fallbacks = run_directory.damaged_fallbacks(plan, MEGATRON_NAMES)
     if not fallbacks:
         phase_commands(argv, args, plan)  # what is asked for can run from what is on disk
     check_runtime(args)
@@ -431,7 +438,7 @@ def run(argv: list[str], *, nproc: int = 1, log_file: Optional[Path] = None, on_
     """Plan, validate, then run (or resume) the phases still to do, one launch each.
 
     The trainer's whole output (argument dump, warnings, every rank) is appended to `log_file`
-    (default: SAVE/train.log); `on_line(line)`, if given, sees each line too (the CLI echoes
+    (default: the run directory's `RunDirectory.log`); `on_line(line)`, if given, sees each line too (the CLI echoes
     the progress lines, the demo draws its progress line). `say(text)` prints nemo-tst's own
     lines (default: stdout). `env`: extra environment for the launched ranks."""
     say = say or (lambda text: print(text, flush=True))
@@ -451,12 +458,12 @@ def run(argv: list[str], *, nproc: int = 1, log_file: Optional[Path] = None, on_
         say(f"[nemo-tst] note: {FP8_DELAYED_NOTE}")
     save = Path(args.save)
     # The first writes, after every check: the lock (held over all launches), then the claim.
-    with run_dir.RunLock(save, say=say).acquire(MEGATRON_NAMES):
+    with RunLock(save, say=say).acquire(MEGATRON_NAMES):
         claim_run_directory(save, args, plan)
         for directory, iteration, problems in fallbacks:
             say(f"[nemo-tst] WARNING: the latest checkpoint in {directory} is damaged "
                 f"({'; '.join(problems)}); falling back")
-            run_dir.fall_back(directory, iteration, lambda text: say(f"[nemo-tst] {text}"))
+            fall_back(directory, iteration, lambda text: say(f"[nemo-tst] {text}"))
         commands = phase_commands(argv, args, plan)
         _launch_phases(commands, plan, save, nproc, log_file, on_line, say, env, args)
     return plan
@@ -464,17 +471,18 @@ def run(argv: list[str], *, nproc: int = 1, log_file: Optional[Path] = None, on_
 
 def _launch_phases(commands, plan: TSTPlan, save: Path, nproc: int, log_file, on_line, say, env, args) -> None:
     """Each phase still to run, one launch each; a phase that stops short ends the run."""
-    log_file = Path(log_file) if log_file else save / "train.log"
+    run_directory = RunDirectory(save)
+    log_file = Path(log_file) if log_file else run_directory.log
     if args.tst_phase == "1" and 1 not in run_phases(plan):
         say(f"[nemo-tst] {NO_PHASE1_AT_S1}")
     launch_env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1", PYTHONUNBUFFERED="1",
-                      **{run_dir.LOCK_HELD_ENV: str(save)}, **(env or {}))
+                      **{LOCK_HELD_ENV: str(save)}, **(env or {}))
     if args.tst_cpu:  # a CPU run on a machine with GPUs: its ranks see none
         launch_env["CUDA_VISIBLE_DEVICES"] = ""
     for phase, extra in commands:
         cmd, rank_env = launch_command(nproc, extra)
         last = plan.train_iters if phase == 2 else plan.phase1_iters
-        load, _ = run_dir.phase_start(plan, phase, run_dir.phase_dir(save, phase), run_dir.phase_dir(save, 1))
+        load, _ = phase_start(plan, phase, run_directory.phase_dir(phase), run_directory.phase_dir(1))
         done = latest_iteration(load) if load is not None else None
         what = "" if 1 in run_phases(plan) else "; s=1: no superposition phase, the whole run in one launch"
         say(f"[nemo-tst] phase {phase} (iterations {(done or 0) + 1}-{last}{what}) on {nproc} "
@@ -484,7 +492,7 @@ def _launch_phases(commands, plan: TSTPlan, save: Path, nproc: int, log_file, on
             log.flush()
             rc, reasons, trained = _run_and_tee(cmd, dict(launch_env, **rank_env), log, on_line)
         if rc != 0:
-            reached = latest_iteration(run_dir.phase_dir(save, phase))
+            reached = run_directory.latest(phase)
             if not trained:
                 raise RuntimeError(
                     f"phase {phase} failed before training started (status {rc}){_why(reasons)}; "
@@ -497,7 +505,7 @@ def _launch_phases(commands, plan: TSTPlan, save: Path, nproc: int, log_file, on
             )
         # Megatron also exits 0 when asked to stop early (SIGTERM with --exit-signal-handler,
         # --exit-duration-in-mins): the next phase starts only from a finished one.
-        reached = latest_iteration(run_dir.phase_dir(save, phase))
+        reached = run_directory.latest(phase)
         if reached != last:
             raise RuntimeError(
                 f"phase {phase} stopped at iteration {reached} before its end ({last}); see "

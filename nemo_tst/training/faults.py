@@ -73,8 +73,10 @@ def _kill_in_save(iteration: int) -> None:
     call time and writes its tracker after it returns)."""
     from megatron.core import dist_checkpointing
 
+    from nemo_tst.core.run_dir import ITERATION_DIR
+
     original = dist_checkpointing.save
-    marker = f"iter_{iteration:07d}"
+    marker = ITERATION_DIR.format(iteration)
 
     def save_then_die(sharded_state_dict, checkpoint_dir, *args, **kwargs):
         result = original(sharded_state_dict, checkpoint_dir, *args, **kwargs)

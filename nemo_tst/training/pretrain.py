@@ -301,20 +301,20 @@ def main(argv: list[str] | None = None) -> None:
 def _lock_run_directory(args):
     """Global rank 0 of a stage launched without `nemo-tst pretrain` (NeMo-Run, Slurm: every
     rank runs this module) takes the run directory's lock for its lifetime, so a second
-    submission of the same run refuses while this one trains (`run_dir.RunLock`). Ranks the
+    submission of the same run refuses while this one trains (`RunLock`). Ranks the
     driver launched inherit its lock and take none."""
     import os
-    from pathlib import Path
 
-    from nemo_tst.core.run_dir import LOCK_HELD_ENV, RunLock
+    from nemo_tst.core.run_dir import RunDirectory
+    from nemo_tst.core.run_lock import LOCK_HELD_ENV, RunLock
     from nemo_tst.training.arguments import MEGATRON_NAMES
 
-    save = Path(args.save) if args.save else None
-    if save is None or save.name not in ("phase1", "phase2") or os.environ.get(LOCK_HELD_ENV):
+    run_directory = RunDirectory.of_phase_dir(args.save) if args.save else None
+    if run_directory is None or os.environ.get(LOCK_HELD_ENV):
         return None
     if int(os.environ.get("RANK", "0")) != 0:
         return None
-    return RunLock(save.parent).acquire(MEGATRON_NAMES)
+    return RunLock(run_directory.root).acquire(MEGATRON_NAMES)
 
 
 def _end_rank(code) -> None:
