@@ -108,6 +108,12 @@ class RunDirectory:
         """Every complete checkpoint of the phase at or before the tracked one, oldest first."""
         return complete_iterations(self.phase_dir(phase))
 
+    def is_complete(self, phase: int, iteration: int) -> bool:
+        """Whether `complete_iterations(phase)` holds `iteration` (reading only its metadata)."""
+        directory = self.phase_dir(phase)
+        return any(it == iteration and checkpoint_problem(directory, it, release=release) is None
+                   for it, release in _candidates(directory)[0])
+
     def is_run(self) -> bool:
         """Whether the directory holds a manifest or a phase's tracker."""
         return self.manifest.is_file() or any(

@@ -63,16 +63,16 @@ def choose_checkpoint(run_dir: Path, iteration: Optional[int], allow_phase1: boo
     # At s = 1 phase 1 is ordinary next-token training: nothing to recover from.
     superposed = plan.get("superposition", {}).get("bag_size") != 1
     phase2 = run.phase_dir(2)
-    p1, p2 = run.complete_iterations(1), run.complete_iterations(2)
 
     if iteration is None:
-        if not p2:
+        latest = run.latest_complete(2)  # what a resume of phase 2 would load
+        if latest is None:
             raise ValueError(
                 f"{phase2} holds no complete checkpoint{_damage(run)}: the run has not reached "
                 "phase 2; finish it (rerun the same nemo-tst pretrain command), or pick a phase-1 "
-                f"checkpoint with --iteration N --allow-phase1 (phase 1 has {p1 or 'none'})"
+                f"checkpoint with --iteration N --allow-phase1 (phase 1 has "
+                f"{run.complete_iterations(1) or 'none'})"
             )
-        latest = p2[-1]
         if final is not None and latest != final:
             raise ValueError(
                 f"{phase2} is at iteration {latest} of the plan's {final}{_damage(run)}: the run is "
@@ -81,18 +81,19 @@ def choose_checkpoint(run_dir: Path, iteration: Optional[int], allow_phase1: boo
             )
         return CheckpointChoice(run.iteration_dir(2, latest), 2, latest, final)
 
-    if iteration in p2:
-        return CheckpointChoice(run.iteration_dir(2, iteration), 2, iteration, final)
-    if iteration in p1:
-        if superposed and not allow_phase1:
+    for phase in (2, 1):
+        if not run.is_complete(phase, iteration):
+            continue
+        if phase == 1 and superposed and not allow_phase1:
             raise ValueError(
                 f"--iteration {iteration} is a phase-1 checkpoint ({run.iteration_dir(1, iteration)}): "
                 "phase 1 trains on bag-averaged inputs with multi-hot targets, and only phase 2 "
                 "recovers ordinary next-token prediction, so it is not the run's final model; "
                 "pass --allow-phase1 to export it anyway, or pick a phase-2 iteration "
-                f"({p2 or 'none yet'})"
+                f"({run.complete_iterations(2) or 'none yet'})"
             )
-        return CheckpointChoice(run.iteration_dir(1, iteration), 1, iteration, final)
+        return CheckpointChoice(run.iteration_dir(phase, iteration), phase, iteration, final)
+    p1, p2 = run.complete_iterations(1), run.complete_iterations(2)
     raise ValueError(
         f"--iteration {iteration}: no complete checkpoint of that iteration in {run_dir}{_damage(run)}; "
         f"phase 2 has {p2 or 'none'}, phase 1 has {p1 or 'none'}"
