@@ -48,7 +48,7 @@ def test_no_phase_starts_after_the_deadline_or_a_stop(tmp_path):
 
 def test_finished_is_phase_2_at_the_last_iteration(tmp_path):
     assert not finished(tmp_path, 30)
-    phase2 = run_dir.phase_dir(tmp_path, 2)
+    phase2 = run_dir.RunDirectory(tmp_path).phase_dir(2)
     phase2.mkdir()
     (phase2 / run_dir.MEGATRON_TRACKER).write_text("20")
     assert not finished(tmp_path, 30)
