@@ -55,7 +55,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-from nemo_tst.training.driver import last_value  # noqa: E402
+from nemo_tst.training.argv import last_value  # noqa: E402
 
 # Model and schedule presets: a recipe (nemo_tst/conf/recipes/<recipe>.yaml) and overrides of
 # it; model.vocab_size is the BPE's size. corpus_bytes and steps are the benchmark's own.
@@ -574,7 +574,7 @@ def main(argv=None) -> dict:
 
     # ----- read the logs back
     from nemo_tst.training.arguments import plan_from_args
-    from nemo_tst.training.driver import parse_megatron_args
+    from nemo_tst.training.arguments import parse_megatron_args
     from nemo_tst.training.logs import parse_training_log
 
     results, phase1_end = {}, {}

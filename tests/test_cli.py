@@ -216,8 +216,8 @@ def phase2_without_phase1(save: Path, argv):
 
 def checkpoint_past_the_end(save: Path, argv: list[str], iteration=50):
     """A genuine run directory of this plan whose phase 2 holds iteration 50 of 10."""
-    from nemo_tst.training.arguments import plan_from_args
-    from nemo_tst.training.driver import claim_run_directory, parse_megatron_args
+    from nemo_tst.training.arguments import parse_megatron_args, plan_from_args
+    from nemo_tst.training.driver import claim_run_directory
 
     args = parse_megatron_args(argv[1:])
     claim_run_directory(save, args, plan_from_args(args))
@@ -395,8 +395,8 @@ def test_pretrain_help_lists_every_tst_option(capsys):
 
 def test_a_failed_first_start_does_not_block_the_corrected_command(small_data, tmp_path):
     """A manifest from a start that never saved a checkpoint does not pin its settings."""
-    from nemo_tst.training.arguments import plan_from_args
-    from nemo_tst.training.driver import check_before_launch, claim_run_directory, parse_megatron_args
+    from nemo_tst.training.arguments import parse_megatron_args, plan_from_args
+    from nemo_tst.training.driver import check_before_launch, claim_run_directory
 
     save = tmp_path / "run"
     first = pretrain_args(small_data, save, "--tst-bag-size", "2")[1:]

@@ -25,7 +25,7 @@ def test_every_setting_has_a_non_default_value_here():
 
 
 def _megatron_args(argv):
-    from nemo_tst.training.driver import parse_megatron_args
+    from nemo_tst.training.arguments import parse_megatron_args
 
     return parse_megatron_args(argv)
 
@@ -113,6 +113,37 @@ def test_run_identity_holds_every_setting():
             assert identity["phase1_iters"] == 6  # both spell phase 1's length: n1 is what counts
         else:
             assert f"tst_{f.name}" in identity, f"{f.name} is not part of the run's identity"
+
+
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(TSTSettings)])
+def test_every_setting_has_a_flag_a_help_and_a_name_in_each_integration(name):
+    """The `--tst-*` flags (with their help) and each integration's names for the settings are
+    read from `TSTSettings`' fields: a new field is on every surface, or this fails (the round
+    trip through the flags and the run identity are checked above)."""
+    import argparse
+
+    from nemo_tst.bridge import BRIDGE_NAMES
+    from nemo_tst.recipes.catalog import RECIPE_NAMES
+    from nemo_tst.training.arguments import MEGATRON_NAMES, add_tst_arguments, tst_flag
+
+    setting = next(f for f in dataclasses.fields(TSTSettings) if f.name == name)
+    flag = "--tst-" + name.replace("_", "-")
+    assert tst_flag(name) == MEGATRON_NAMES.spell(name) == getattr(MEGATRON_NAMES, name) == flag
+    assert BRIDGE_NAMES.spell(name) == f"TSTSettings.{name}" and RECIPE_NAMES[name] == f"tst.{name}"
+    help_text = setting.metadata["help"].format_map(MEGATRON_NAMES.settings_named())
+    assert len(help_text) > 20 and "{" not in help_text
+    option = add_tst_arguments(argparse.ArgumentParser())._option_string_actions[flag]
+    assert option.help == help_text and option.dest == flag[2:].replace("-", "_")
+
+
+def test_only_settings_are_spelled_as_settings():
+    from nemo_tst.training.arguments import MEGATRON_NAMES
+
+    with pytest.raises(KeyError, match="'bag_sise' is not a TST setting"):
+        MEGATRON_NAMES.spell("bag_sise")
+    with pytest.raises(AttributeError):
+        MEGATRON_NAMES.bag_sise  # noqa: B018
+    assert MEGATRON_NAMES.train_iters == "--train-iters"  # the trainer's own settings, as given
 
 
 def test_settings_are_frozen():

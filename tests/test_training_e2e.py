@@ -401,7 +401,7 @@ def test_damaged_latest_checkpoint_is_found_and_an_earlier_one_chosen(reference,
     touching anything until the run goes ahead."""
     from nemo_tst.core import run_dir
     from nemo_tst.training.arguments import MEGATRON_NAMES, plan_from_args
-    from nemo_tst.training.driver import parse_megatron_args
+    from nemo_tst.training.arguments import parse_megatron_args
 
     save = _stopped_copy(reference, tmp_path, phase2_upto=None if phase == 1 else 6)
     latest = save / f"phase{phase}" / f"iter_{(N1 if phase == 1 else 6):07d}"

@@ -8,15 +8,22 @@ integration then says a bad value with its own names for the settings (`SettingN
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, field, fields
 from functools import cached_property
 from typing import Optional
 
 from nemo_tst.superposition.config import Mode, SettingError, SuperpositionConfig, Weighting
 
-__all__ = ["SettingError", "SettingNames", "TSTSettings"]
+__all__ = ["SETTINGS", "SettingError", "SettingNames", "TSTSettings"]
 
 DEFAULT_PHASE1_FRACTION = 0.3
+
+
+def _setting(help: str, default=MISSING):
+    """A `TSTSettings` field. `help` documents it, and is the help of its command-line flag: a
+    template over setting names (`{phase1_iters}`) that each integration spells its own way
+    (`SettingNames`)."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -25,25 +32,31 @@ class TSTSettings:
 
     Everything else keeps its meaning in the trainer: the sequence length is L (latent
     positions in phase 1, tokens in phase 2), the iteration count N spans both phases, and
-    the global batch counts samples of either phase."""
+    the global batch counts samples of either phase.
 
-    bag_size: int
-    """s: tokens averaged into one latent position in phase 1 (paper: 6 dense, 16 MoE); 1 is
-    ordinary training (the baseline), through the same code."""
-    phase1_fraction: Optional[float] = None
-    """r: the fraction of the N iterations spent in phase 1 (paper: 0.2-0.4); n1 = round(r N).
-    Default 0.3 when phase1_iters is not given either; giving both is refused."""
-    phase1_iters: Optional[int] = None
-    """n1 directly, instead of phase1_fraction."""
-    mode: Mode = "full"
-    """"full" (the method), or the paper's "input_only" / "output_only" ablations."""
-    weighting: Weighting = "uniform"
-    """How the k targets of a latent position share its loss: uniform, power, exp, first."""
-    target_weights: Optional[tuple[float, ...]] = None
-    """Explicit weights of the k targets (normalised to sum 1); overrides `weighting`."""
-    mask_cross_document_targets: bool = False
-    """Mask a target in a later document than the bag's last token (needs the tokenizer's
-    end-of-document id)."""
+    The fields are the one list of settings: the `--tst-*` flags of `nemo-tst pretrain` (name,
+    type, help), the names each integration uses in its errors (`SettingNames`), the `tst:`
+    keys of a recipe and the identity a rerun must match (`run_dir.settings_identity`) are all
+    read from them."""
+
+    bag_size: int = _setting(
+        "s: tokens averaged into one latent position in phase 1 (paper: 6 dense, 16 MoE); 1 is "
+        "ordinary training (the baseline), through the same code. Required.")
+    phase1_fraction: Optional[float] = _setting(
+        "r: the fraction of the N iterations spent in phase 1 (paper: 0.2-0.4); n1 = round(r N). "
+        "Default 0.3 when {phase1_iters} is not given either; giving both is refused.", None)
+    phase1_iters: Optional[int] = _setting(
+        "n1, phase 1's iterations, instead of {phase1_fraction}.", None)
+    mode: Mode = _setting(
+        "full (the method), or the paper's input_only / output_only ablations.", "full")
+    weighting: Weighting = _setting(
+        "How the s targets of a latent position share its loss: uniform, power, exp, first.",
+        "uniform")
+    target_weights: Optional[tuple[float, ...]] = _setting(
+        "Explicit weights of the s targets (normalised to sum 1); overrides {weighting}.", None)
+    mask_cross_document_targets: bool = _setting(
+        "Mask a target in a later document than the bag's last token (needs the tokenizer's "
+        "end-of-document id).", False)
 
     def __post_init__(self):
         if self.target_weights is not None:
@@ -91,17 +104,19 @@ class TSTSettings:
         return int(round(self.phase1_fraction * train_iters))
 
 
+SETTINGS: tuple[str, ...] = tuple(f.name for f in fields(TSTSettings))
+"""The names of the TST settings, in their declaration order."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class SettingNames:
-    """How an integration spells the settings its users write, for the errors that name them."""
+    """How an integration spells the settings its users write, for the errors that name them:
+    each TST setting through the `setting` pattern (so a new one is spelled everywhere), and
+    the trainer settings the shared checks name too. `names.bag_size` is the spelling of one."""
 
-    bag_size: str
-    phase1_fraction: str
-    phase1_iters: str
-    mode: str
-    weighting: str
-    target_weights: str
-    mask_cross_document_targets: str
+    setting: str
+    """The spelling of a TST setting: a pattern over `{name}` (`bag_size`) and `{dashed}`
+    (`bag-size`), e.g. `--tst-{dashed}` or `TSTSettings.{name}`."""
     train_iters: str
     seq_length: str
     tensor_parallel: str
@@ -112,3 +127,18 @@ class SettingNames:
     mtp_num_layers: str
     run_dir: str
 
+    def spell(self, name: str) -> str:
+        """How this integration spells the TST setting `name`."""
+        if name not in SETTINGS:
+            raise KeyError(f"{name!r} is not a TST setting; they are {', '.join(SETTINGS)}")
+        return self.setting.format(name=name, dashed=name.replace("_", "-"))
+
+    def settings_named(self) -> dict[str, str]:
+        """Every TST setting and its spelling here."""
+        return {name: self.spell(name) for name in SETTINGS}
+
+    def __getattr__(self, name: str) -> str:
+        # Reached only for names that are not fields above: the TST settings.
+        if name in SETTINGS:
+            return self.spell(name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
