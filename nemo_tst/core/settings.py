@@ -43,8 +43,8 @@ class TSTSettings:
         "s: tokens averaged into one latent position in phase 1 (paper: 6 dense, 16 MoE); 1 is "
         "ordinary training (the baseline), through the same code. Required.")
     phase1_fraction: Optional[float] = _setting(
-        "r: the fraction of the N iterations spent in phase 1 (paper: 0.2-0.4); n1 = round(r N). "
-        "Default 0.3 when {phase1_iters} is not given either; giving both is refused.", None)
+        "r: the fraction of the N iterations spent in phase 1 (paper: 0.2-0.4); n1 = round(r N); "
+        "default 0.3 when {phase1_iters} is not given either (giving both is refused).", None)
     phase1_iters: Optional[int] = _setting(
         "n1, phase 1's iterations, instead of {phase1_fraction}.", None)
     mode: Mode = _setting(
