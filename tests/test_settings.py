@@ -32,13 +32,18 @@ def _megatron_args(argv):
 
 @pytest.mark.parametrize("name", sorted(NON_DEFAULT))
 def test_cli_arguments_carry_every_setting(name):
-    from nemo_tst.training.arguments import settings_argv, settings_from_args
+    """Through `nemo-tst pretrain`'s flags and through the Bridge launcher's."""
+    from nemo_tst.bridge import cli as bridge_cli
+    from nemo_tst.core.settings import settings_argv, settings_from_args
+    from nemo_tst.training.arguments import MEGATRON_NAMES
 
     values = {"bag_size": 3} | {name: NON_DEFAULT[name]}
     if name == "target_weights":
         values["mode"] = "full"
     settings = TSTSettings(**values)
-    assert settings_from_args(_megatron_args(settings_argv(settings))) == settings
+    assert settings_from_args(_megatron_args(settings_argv(settings)), MEGATRON_NAMES) == settings
+    launcher_args, overrides = bridge_cli.parse_args(["--recipe", "r", "train.train_iters=9", *settings_argv(settings)])
+    assert settings_from_args(launcher_args, bridge_cli.LAUNCHER_NAMES) == settings and overrides == ["train.train_iters=9"]
 
 
 @pytest.mark.parametrize("name", sorted(NON_DEFAULT))
@@ -52,9 +57,10 @@ def test_recipes_expose_every_setting(name):
     recipe = load_recipe("tst_tiny", gpus=1, overrides=overrides)
     assert isinstance(recipe.tst, TSTSettings) and getattr(recipe.tst, name) == value
     # ... and what the recipe launches asks for the same settings.
-    from nemo_tst.training.arguments import settings_from_args
+    from nemo_tst.core.settings import settings_from_args
+    from nemo_tst.training.arguments import MEGATRON_NAMES
 
-    assert settings_from_args(_megatron_args(recipe.megatron_args())) == recipe.tst
+    assert settings_from_args(_megatron_args(recipe.megatron_args()), MEGATRON_NAMES) == recipe.tst
 
 
 def test_bridge_and_plan_carry_the_same_type():
@@ -91,12 +97,13 @@ def test_a_bad_setting_is_named_as_each_integration_spells_it(values, field, spe
 
 
 def test_phase1_length_is_given_one_way():
-    from nemo_tst.training.arguments import MEGATRON_NAMES, settings_from_args
+    from nemo_tst.core.settings import settings_from_args
+    from nemo_tst.training.arguments import MEGATRON_NAMES
 
     assert TSTSettings(bag_size=4).phase1_fraction == 0.3  # the default when neither is given
     with pytest.raises(ValueError, match="--tst-phase1-iters=5 and --tst-phase1-fraction=0.2 both set"):
         settings_from_args(_megatron_args(["--tst-bag-size", "4", "--tst-phase1-iters", "5",
-                                           "--tst-phase1-fraction", "0.2"]))
+                                           "--tst-phase1-fraction", "0.2"]), MEGATRON_NAMES)
     assert MEGATRON_NAMES.phase1_iters == "--tst-phase1-iters"
 
 
@@ -124,11 +131,12 @@ def test_every_setting_has_a_flag_a_help_and_a_name_in_each_integration(name):
 
     from nemo_tst.bridge import BRIDGE_NAMES
     from nemo_tst.recipes.catalog import RECIPE_NAMES
-    from nemo_tst.training.arguments import MEGATRON_NAMES, add_tst_arguments, tst_flag
+    from nemo_tst.core.settings import setting_flag
+    from nemo_tst.training.arguments import MEGATRON_NAMES, add_tst_arguments
 
     setting = next(f for f in dataclasses.fields(TSTSettings) if f.name == name)
     flag = "--tst-" + name.replace("_", "-")
-    assert tst_flag(name) == MEGATRON_NAMES.spell(name) == getattr(MEGATRON_NAMES, name) == flag
+    assert setting_flag(name) == MEGATRON_NAMES.spell(name) == getattr(MEGATRON_NAMES, name) == flag
     assert BRIDGE_NAMES.spell(name) == f"TSTSettings.{name}" and RECIPE_NAMES[name] == f"tst.{name}"
     help_text = setting.metadata["help"].format_map(MEGATRON_NAMES.settings_named())
     assert len(help_text) > 20 and "{" not in help_text

@@ -1,20 +1,24 @@
 """What TST adds to a pretraining run, as one frozen type: `TSTSettings`.
 
 Every way of asking for TST builds one: the `--tst-*` arguments of `nemo-tst pretrain`
-(`nemo_tst.training.arguments.settings_from_args`), the `tst:` section of a recipe, and a
+(`settings_from_args`, generated from the fields, as the Bridge launcher's), the `tst:` section of a recipe, and a
 Megatron-Bridge recipe (`nemo_tst.bridge.tst_phase_configs(cfg, TSTSettings(...))`). The plan
 of a run (`nemo_tst.core.plan.TSTPlan`) carries it. It is checked once, when it is built; each
 integration then says a bad value with its own names for the settings (`SettingNames`).
 """
 
 import math
+import typing
 from dataclasses import MISSING, dataclass, field, fields
 from functools import cached_property
 from typing import Optional
 
 from nemo_tst.superposition.config import Mode, SettingError, SuperpositionConfig, Weighting
 
-__all__ = ["SETTINGS", "SettingError", "SettingNames", "TSTSettings"]
+__all__ = [
+    "SETTINGS", "SETTING_FLAG", "SettingError", "SettingNames", "TSTSettings", "add_setting_arguments",
+    "setting_flag", "settings_argv", "settings_from_args",
+]
 
 DEFAULT_PHASE1_FRACTION = 0.3
 
@@ -129,9 +133,7 @@ class SettingNames:
 
     def spell(self, name: str) -> str:
         """How this integration spells the TST setting `name`."""
-        if name not in SETTINGS:
-            raise KeyError(f"{name!r} is not a TST setting; they are {', '.join(SETTINGS)}")
-        return self.setting.format(name=name, dashed=name.replace("_", "-"))
+        return _spelled(self.setting, name)
 
     def settings_named(self) -> dict[str, str]:
         """Every TST setting and its spelling here."""
@@ -142,3 +144,78 @@ class SettingNames:
         if name in SETTINGS:
             return self.spell(name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+
+def _spelled(pattern: str, name: str) -> str:
+    if name not in SETTINGS:
+        raise KeyError(f"{name!r} is not a TST setting; they are {', '.join(SETTINGS)}")
+    return pattern.format(name=name, dashed=name.replace("_", "-"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The settings on a command line: both launchers (`nemo-tst pretrain`, `nemo_tst.bridge.cli`)
+# take each as a `--tst-*` flag generated from its field.
+# ---------------------------------------------------------------------------------------------
+
+SETTING_FLAG = "--tst-{dashed}"
+"""The command-line flag of a TST setting (`bag_size`: `--tst-bag-size`)."""
+
+
+def setting_flag(name: str) -> str:
+    return _spelled(SETTING_FLAG, name)
+
+
+def add_setting_arguments(group, names: "SettingNames") -> None:
+    """A flag for each `TSTSettings` field in the argparse parser or group `group`: its type (a
+    `Literal` gives the choices, a tuple takes one or more values, a bool is a switch), its
+    default, and its help (spelling the other settings as `names` does)."""
+    hints = typing.get_type_hints(TSTSettings)
+    for setting in fields(TSTSettings):
+        kind = hints[setting.name]
+        if typing.get_origin(kind) is typing.Union:  # Optional[X]
+            kind = next(k for k in typing.get_args(kind) if k is not type(None))
+        default = None if setting.default is MISSING else setting.default
+        keywords = {"help": setting.metadata["help"].format_map(names.settings_named()), "default": default}
+        if kind is bool:
+            if default:
+                raise TypeError(f"TSTSettings.{setting.name}: a switch must default to False")
+            keywords["action"] = "store_true"
+        elif typing.get_origin(kind) is typing.Literal:
+            keywords["choices"] = typing.get_args(kind)
+        elif typing.get_origin(kind) is tuple:
+            keywords |= {"type": typing.get_args(kind)[0], "nargs": "+"}
+        else:
+            keywords["type"] = kind
+        group.add_argument(setting_flag(setting.name), **keywords)
+
+
+def settings_from_args(args, names: "SettingNames") -> TSTSettings:
+    """The `TSTSettings` the flags of `add_setting_arguments` ask for, parsed into `args`; a
+    missing or bad value raises ValueError naming the setting as `names` spells it."""
+    given = {}
+    for setting in fields(TSTSettings):
+        value = getattr(args, setting_flag(setting.name).removeprefix("--").replace("-", "_"))
+        if value is None and setting.default is MISSING:
+            help_text = setting.metadata["help"].format_map(names.settings_named())
+            raise ValueError(f"{names.spell(setting.name)} is required ({help_text})")
+        if value is not None:
+            given[setting.name] = value
+    try:
+        return TSTSettings(**given)
+    except SettingError as err:
+        raise ValueError(err.named(names)) from None
+
+
+def settings_argv(settings: TSTSettings) -> list[str]:
+    """The flags that ask for `settings` (`settings_from_args` reads them back)."""
+    argv = []
+    for setting in fields(TSTSettings):
+        value = getattr(settings, setting.name)
+        if value is None or value is False:
+            continue
+        argv.append(setting_flag(setting.name))
+        if isinstance(value, tuple):
+            argv += [str(v) for v in value]
+        elif value is not True:
+            argv.append(str(value))
+    return argv

@@ -15,58 +15,29 @@ adds what only Megatron-LM's arguments can get wrong, and names settings as flag
 """
 
 import argparse
-import dataclasses
 import math
 import os
 import threading
 import types
-import typing
 from pathlib import Path
 from typing import Optional
 
 from nemo_tst.core.plan import TSTPlan, check_plan
-from nemo_tst.core.settings import SettingError, SettingNames, TSTSettings
+from nemo_tst.core.settings import SETTING_FLAG, SettingNames, add_setting_arguments, settings_from_args
 
 __all__ = [
     "MEGATRON_NAMES", "PHASES", "add_tst_arguments", "check_runtime", "check_unsupported_arguments",
     "check_with_megatron", "help_text", "import_problem", "parse_megatron_args", "plan_from_args",
-    "settings_argv", "settings_from_args", "tst_flag",
 ]
 
 PHASES = ("both", "1", "2")
-
-
-def tst_flag(setting: str) -> str:
-    """The command-line flag of the TST setting `setting` (`bag_size` -> `--tst-bag-size`)."""
-    return MEGATRON_NAMES.spell(setting)
-
-
-def _setting_argument(setting: dataclasses.Field, hints: dict) -> dict:
-    """`add_argument` keywords for a `TSTSettings` field: its type (a `Literal` gives the
-    choices, a tuple takes one or more values, a bool is a switch), its default, and its help."""
-    kind = hints[setting.name]
-    if typing.get_origin(kind) is typing.Union:  # Optional[X]
-        kind = next(k for k in typing.get_args(kind) if k is not type(None))
-    default = None if setting.default is dataclasses.MISSING else setting.default
-    keywords = {"help": setting.metadata["help"].format_map(MEGATRON_NAMES.settings_named())}
-    if kind is bool:
-        if default:
-            raise TypeError(f"TSTSettings.{setting.name}: a switch must default to False")
-        return keywords | {"action": "store_true"}
-    if typing.get_origin(kind) is typing.Literal:
-        return keywords | {"choices": typing.get_args(kind), "default": default}
-    if typing.get_origin(kind) is tuple:
-        return keywords | {"type": typing.get_args(kind)[0], "nargs": "+", "default": default}
-    return keywords | {"type": kind, "default": default}
 
 
 def add_tst_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Megatron `extra_args_provider`: adds the TST group to Megatron-LM's parser: a flag for
     each `TSTSettings` field, then the launch options that are not settings of the run."""
     group = parser.add_argument_group("token-superposition training")
-    hints = typing.get_type_hints(TSTSettings)
-    for setting in dataclasses.fields(TSTSettings):
-        group.add_argument(tst_flag(setting.name), **_setting_argument(setting, hints))
+    add_setting_arguments(group, MEGATRON_NAMES)
     group.add_argument("--tst-phase", choices=PHASES, default="both",
                        help="Run both phases, or only phase 1 / phase 2 (chained jobs).")
     group.add_argument("--tst-phase1-checkpoint", type=str, default=None,
@@ -89,7 +60,7 @@ def add_tst_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
 
 
 MEGATRON_NAMES = SettingNames(
-    setting="--tst-{dashed}",
+    setting=SETTING_FLAG,
     train_iters="--train-iters",
     seq_length="--seq-length",
     tensor_parallel="--tensor-model-parallel-size",
@@ -102,48 +73,12 @@ MEGATRON_NAMES = SettingNames(
 )
 
 
-def settings_from_args(args: argparse.Namespace) -> TSTSettings:
-    """The `TSTSettings` the `--tst-*` arguments ask for; a bad value names its flag."""
-    given = {}
-    for setting in dataclasses.fields(TSTSettings):
-        value = getattr(args, _attribute(setting.name))
-        if value is None and setting.default is dataclasses.MISSING:
-            help_text = setting.metadata["help"].format_map(MEGATRON_NAMES.settings_named())
-            raise ValueError(f"{tst_flag(setting.name)} is required ({help_text})")
-        if value is not None:
-            given[setting.name] = value
-    try:
-        return TSTSettings(**given)
-    except SettingError as err:
-        raise ValueError(err.named(MEGATRON_NAMES)) from None
-
-
-def _attribute(setting: str) -> str:
-    """Where argparse keeps the value of the setting's flag (`--tst-bag-size` -> tst_bag_size)."""
-    return tst_flag(setting).removeprefix("--").replace("-", "_")
-
-
-def settings_argv(settings: TSTSettings) -> list[str]:
-    """The `--tst-*` arguments that ask for `settings` (`settings_from_args` reads them back)."""
-    argv = []
-    for setting in dataclasses.fields(TSTSettings):
-        value = getattr(settings, setting.name)
-        if value is None or value is False:
-            continue
-        argv.append(tst_flag(setting.name))
-        if isinstance(value, tuple):
-            argv += [str(v) for v in value]
-        elif value is not True:
-            argv.append(str(value))
-    return argv
-
-
 def plan_from_args(args: argparse.Namespace) -> TSTPlan:
     """Validate the TST arguments against Megatron's and return the plan.
 
     Raises ValueError naming the setting and the fix, before any model or data is built.
     """
-    settings = settings_from_args(args)
+    settings = settings_from_args(args, MEGATRON_NAMES)
     check_unsupported_arguments(args)
     if not args.train_iters:
         raise ValueError(
