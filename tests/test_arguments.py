@@ -11,7 +11,12 @@ import pytest
 import torch
 
 from nemo_tst.recipes.catalog import load_recipe
-from nemo_tst.training.arguments import check_runtime, check_with_megatron, import_problem, parse_megatron_args
+from nemo_tst.training.arguments import (
+    check_runtime,
+    check_with_megatron,
+    import_problem,
+    parse_megatron_args,
+)
 
 
 def tiny_argv(*overrides: str) -> list[str]:

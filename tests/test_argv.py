@@ -1,7 +1,13 @@
 """nemo_tst.training.argv: what the driver removes from and sets in a run's arguments."""
 
 from nemo_tst.training.arguments import parse_megatron_args
-from nemo_tst.training.argv import MANAGED_BY_PHASE, last_value, phase_argv, with_data_tokenizer, without_options
+from nemo_tst.training.argv import (
+    MANAGED_BY_PHASE,
+    last_value,
+    phase_argv,
+    with_data_tokenizer,
+    without_options,
+)
 
 
 def test_without_options_drops_both_spellings_and_their_values():

@@ -42,8 +42,10 @@ def test_cli_arguments_carry_every_setting(name):
         values["mode"] = "full"
     settings = TSTSettings(**values)
     assert settings_from_args(_megatron_args(settings_argv(settings)), MEGATRON_NAMES) == settings
-    launcher_args, overrides = bridge_cli.parse_args(["--recipe", "r", "train.train_iters=9", *settings_argv(settings)])
-    assert settings_from_args(launcher_args, bridge_cli.LAUNCHER_NAMES) == settings and overrides == ["train.train_iters=9"]
+    # (Overrides first: a --tst-target-weights list would take the words after it.)
+    launched, overrides = bridge_cli.parse_args(["--recipe", "r", "train.train_iters=9", *settings_argv(settings)])
+    assert settings_from_args(launched, bridge_cli.LAUNCHER_NAMES) == settings
+    assert overrides == ["train.train_iters=9"]
 
 
 @pytest.mark.parametrize("name", sorted(NON_DEFAULT))

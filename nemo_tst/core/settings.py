@@ -1,9 +1,10 @@
 """What TST adds to a pretraining run, as one frozen type: `TSTSettings`.
 
-Every way of asking for TST builds one: the `--tst-*` arguments of `nemo-tst pretrain`
-(`settings_from_args`, generated from the fields, as the Bridge launcher's), the `tst:` section of a recipe, and a
-Megatron-Bridge recipe (`nemo_tst.bridge.tst_phase_configs(cfg, TSTSettings(...))`). The plan
-of a run (`nemo_tst.core.plan.TSTPlan`) carries it. It is checked once, when it is built; each
+Every way of asking for TST builds one: the `--tst-*` arguments of `nemo-tst pretrain` and of
+the Bridge launcher (`settings_from_args`; the flags are generated from the fields), the `tst:`
+section of a recipe, and a Megatron-Bridge recipe
+(`nemo_tst.bridge.tst_phase_configs(cfg, TSTSettings(...))`). The plan of a run
+(`nemo_tst.core.plan.TSTPlan`) carries it. It is checked once, when it is built; each
 integration then says a bad value with its own names for the settings (`SettingNames`).
 """
 
@@ -38,8 +39,8 @@ class TSTSettings:
     positions in phase 1, tokens in phase 2), the iteration count N spans both phases, and
     the global batch counts samples of either phase.
 
-    The fields are the one list of settings: the `--tst-*` flags of `nemo-tst pretrain` (name,
-    type, help), the names each integration uses in its errors (`SettingNames`), the `tst:`
+    The fields are the one list of settings: the `--tst-*` flags of both launchers (name, type,
+    help: `add_setting_arguments`), the names each integration uses in its errors (`SettingNames`), the `tst:`
     keys of a recipe and the identity a rerun must match (`run_dir.settings_identity`) are all
     read from them."""
 

@@ -412,7 +412,8 @@ def _private_copy(module: types.ModuleType, **overrides) -> dict:
     and every other caller of it are untouched."""
     namespace = dict(vars(module), **overrides)
     for name, value in vars(module).items():
-        if isinstance(value, types.FunctionType) and value.__module__ == module.__name__ and name not in overrides:
+        own = isinstance(value, types.FunctionType) and value.__module__ == module.__name__
+        if own and name not in overrides:
             rebound = types.FunctionType(value.__code__, namespace, value.__name__, value.__defaults__,
                                          value.__closure__)
             rebound.__kwdefaults__ = value.__kwdefaults__
