@@ -573,8 +573,7 @@ def main(argv=None) -> dict:
     statuses = run_all(jobs, concurrency)
 
     # ----- read the logs back
-    from nemo_tst.training.arguments import plan_from_args
-    from nemo_tst.training.arguments import parse_megatron_args
+    from nemo_tst.training.arguments import parse_megatron_args, plan_from_args
     from nemo_tst.training.logs import parse_training_log
 
     results, phase1_end = {}, {}

@@ -422,8 +422,7 @@ def run_demo(out: Path, *, size_name: str, bag_size: int, phase1_fraction: float
     if errors:
         raise RuntimeError("; ".join(str(e) for e in errors.values()))
 
-    from nemo_tst.training.arguments import plan_from_args
-    from nemo_tst.training.arguments import parse_megatron_args
+    from nemo_tst.training.arguments import parse_megatron_args, plan_from_args
 
     runs = {}
     for name, s in specs.items():
