@@ -73,9 +73,10 @@ def test_bridge_and_plan_carry_the_same_type():
     settings = TSTSettings(**(NON_DEFAULT | {"phase1_fraction": None}))  # not both: see TSTSettings
     plan = bridge.plan_tst_run(settings, run_dir="/ckpt/x", train_iters=20, global_batch_size=4, seq_length=8)
     assert plan.settings is settings and plan.phase1_iters == 7
-    args = _megatron_args(["--tst-bag-size", "3", "--train-iters", "20", "--global-batch-size", "4",
-                           "--seq-length", "8", "--lr", "1e-3"])
-    assert isinstance(plan_from_args(args).settings, TSTSettings)
+    from nemo_tst.recipes.catalog import load_recipe
+
+    args = _megatron_args(load_recipe("tst_tiny", overrides=["tst.bag_size=3"]).megatron_args())
+    assert isinstance(plan_from_args(args).settings, TSTSettings) and plan_from_args(args).settings.bag_size == 3
 
 
 @pytest.mark.parametrize("values, field, spelled", [
