@@ -7,26 +7,19 @@ from pathlib import Path
 import pytest
 
 from nemo_tst.core.plan import run_phases
-from nemo_tst.training.arguments import plan_from_args
-from nemo_tst.training.driver import (
-    launch_command,
-    parse_megatron_args,
-    phase_argv,
-    phase_commands,
-    resolve_phase_start,
-)
+from nemo_tst.recipes.catalog import load_recipe
+from nemo_tst.training.arguments import parse_megatron_args, plan_from_args
+from nemo_tst.training.argv import phase_argv
+from nemo_tst.training.driver import launch_command, phase_commands, resolve_phase_start
 
 N, N1 = 10, 3
 
 
 def argv_for(save: Path, s: int, *extra: str) -> list[str]:
-    return [
-        "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
-        "--seq-length", "32", "--max-position-embeddings", "32", "--micro-batch-size", "2",
-        "--global-batch-size", "4", "--train-iters", str(N), "--lr", "1e-3",
-        "--tokenizer-type", "NullTokenizer", "--vocab-size", "300", "--transformer-impl", "local",
-        "--tst-bag-size", str(s), "--tst-phase1-fraction", "0.3", "--save", str(save), *extra,
-    ]
+    """The `tst_tiny` recipe as a run of N iterations at s saved in `save` (phase 1: r = 0.3)."""
+    recipe = load_recipe("tst_tiny", gpus=1, overrides=[
+        f"training.train_iters={N}", f"tst.bag_size={s}", "tst.phase1_fraction=0.3", f"run_dir={save}"])
+    return [*recipe.megatron_args(), *extra]
 
 
 def checkpoint(directory: Path, iteration: int) -> None:
