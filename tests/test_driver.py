@@ -2,7 +2,6 @@
 launch is started, and the demo's terminal pieces (progress line, verdict). No training here."""
 
 import io
-import os
 import re
 from pathlib import Path
 
@@ -138,22 +137,6 @@ def test_verdict_says_which_run_is_better():
     better = verdict(3.20, 3.10, 1200, 1500)
     assert "0.1000 nats BELOW the baseline" in better and "at step 1200 of 1500" in better
     assert "1.25x fewer steps" in better
-
-
-def test_trainer_lines_for_the_terminal():
-    from nemo_tst.training.logs import is_progress_line, iteration_line
-
-    assert is_progress_line(LINE.format(it=3, key="lm loss", loss=6.0))
-    assert iteration_line(LINE.format(it=3, key="tst loss", loss=6.0)) == (
-        3, 100, {"learning rate": 1e-3, "tst loss": 6.0})
-    assert is_progress_line(" validation loss at iteration 10 | lm loss value: 6.5E+00 |")
-    for noise in ("------------------------ arguments ------------------------",
-                  "  adam_beta1 ...................................... 0.9",
-                  "/x/megatron/core/optimizer/__init__.py:25: UserWarning: Transformer Engine and Apex "
-                  "are not installed.",
-                  "WARNING:megatron.core.models.gpt.gpt_model:GPTModel IS DEPRECATED."):
-        assert not is_progress_line(noise), noise
-    assert os.path.basename(__file__) == "test_driver.py"
 
 
 def test_a_release_checkpoint_is_not_taken_for_a_damaged_one(tmp_path):
