@@ -6,7 +6,8 @@ Tiers (pytest markers, registered in pyproject.toml):
     multirank  gloo process groups in spawned processes (TP, PP, EP, CP against one rank)
     e2e        training runs through a trainer (`nemo-tst pretrain`, Bridge's pretrain,
                NeMo-Run, the demo), the golden loss curve, and scripts that launch them
-    packaging  the wheel, the container and the launch scripts as files
+    packaging  the wheel, the container, the launch scripts, and what a fresh interpreter
+               imports of the package (its layering, a pip install's Megatron)
 
 Every test file is listed in `TIERS`; a file missing from it stops the collection, so a new
 test file is given a tier when it is added. `TEST_TIERS` moves single tests of a file to
@@ -47,7 +48,7 @@ TIERS = {
     "test_gpu_smoke.py": "e2e",
     "test_hybrid.py": "unit",
     "test_hybrid_training.py": "e2e",
-    "test_launchers.py": "unit",
+    "test_launchers.py": "packaging",
     "test_logs.py": "unit",
     "test_loss.py": "unit",
     "test_megatron_fixes.py": "unit",
@@ -69,11 +70,15 @@ TEST_TIERS = {
     ("test_embedding.py", "test_tensor_parallel_2_matches_full_table"): "multirank",
     ("test_experiment.py", "test_local_two_stage_experiment_on_cpu_trains_what_pretrain_trains"): "e2e",
     ("test_golden_curve.py", "test_the_golden_curve_is_both_phases_and_learns"): "unit",
-    ("test_hybrid.py", "test_tensor_parallel_2_matches_tp1"): "multirank",
     ("test_hybrid.py", "test_pipeline_parallel_2_matches_pp1"): "multirank",
+    ("test_hybrid.py", "test_tensor_parallel_2_matches_tp1"): "multirank",
     ("test_loss.py", "test_tensor_parallel_2_matches_full_vocab"): "multirank",
-    ("test_model.py", "test_tensor_parallel_2_matches_tp1"): "multirank",
+    ("test_megatron_fixes.py", "test_a_launch_without_tst_cpu_applies_the_fixes"): "packaging",
+    ("test_megatron_fixes.py", "test_the_dataset_helpers_need_no_make_in_a_pip_install"): "packaging",
     ("test_model.py", "test_moe_expert_parallel_2_runs_phase1_and_matches_ep1"): "multirank",
+    ("test_model.py", "test_tensor_parallel_2_matches_tp1"): "multirank",
+    ("test_settings.py", "test_core_and_bridge_import_no_megatron_training"): "packaging",
+    ("test_settings.py", "test_the_megatron_lm_adapter_does_not_import_bridge"): "packaging",
 }
 """(file, test function) -> tier, where a test's tier is not its file's."""
 
