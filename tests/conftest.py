@@ -66,9 +66,12 @@ TIERS = {
 
 TEST_TIERS = {
     ("test_bridge.py", "test_both_phases_bf16_distributed_optimizer_dp2"): "e2e",
+    ("test_bridge.py", "test_importing_the_adapter_imports_no_bridge"): "packaging",
+    ("test_bridge.py", "test_without_bridge_every_bridge_call_says_what_to_install"): "packaging",
     ("test_cpu_support.py", "test_tp2_matches_tp1_and_moe_ep2_and_pp2_run"): "multirank",
     ("test_embedding.py", "test_tensor_parallel_2_matches_full_table"): "multirank",
     ("test_experiment.py", "test_local_two_stage_experiment_on_cpu_trains_what_pretrain_trains"): "e2e",
+    ("test_experiment.py", "test_the_readme_slurm_example_runs_unattended_as_written"): "packaging",
     ("test_golden_curve.py", "test_the_golden_curve_is_both_phases_and_learns"): "unit",
     ("test_hybrid.py", "test_pipeline_parallel_2_matches_pp1"): "multirank",
     ("test_hybrid.py", "test_tensor_parallel_2_matches_tp1"): "multirank",
