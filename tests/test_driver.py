@@ -1,7 +1,6 @@
 """The driver's launch plan without launching: which phases run, where each rank starts, how a
 launch is started. No training here."""
 
-import os
 from pathlib import Path
 
 import pytest
@@ -94,20 +93,6 @@ LINE = (" [2026-12-01 10:00:00] iteration      {it:>3}/     100 | consumed sampl
         "learning rate: 1.000000E-03 | {key}: {loss:.6E} | loss scale: 1.0 |\n")
 
 
-def test_trainer_lines_for_the_terminal():
-    from nemo_tst.training.logs import is_progress_line, iteration_line
-
-    assert is_progress_line(LINE.format(it=3, key="lm loss", loss=6.0))
-    assert iteration_line(LINE.format(it=3, key="tst loss", loss=6.0)) == (
-        3, 100, {"learning rate": 1e-3, "tst loss": 6.0})
-    assert is_progress_line(" validation loss at iteration 10 | lm loss value: 6.5E+00 |")
-    for noise in ("------------------------ arguments ------------------------",
-                  "  adam_beta1 ...................................... 0.9",
-                  "/x/megatron/core/optimizer/__init__.py:25: UserWarning: Transformer Engine and Apex "
-                  "are not installed.",
-                  "WARNING:megatron.core.models.gpt.gpt_model:GPTModel IS DEPRECATED."):
-        assert not is_progress_line(noise), noise
-    assert os.path.basename(__file__) == "test_driver.py"
 
 
 def test_a_release_checkpoint_is_not_taken_for_a_damaged_one(tmp_path):

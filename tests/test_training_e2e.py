@@ -20,6 +20,16 @@ N, N1, SAVE_INTERVAL = 10, 3, 2  # --train-iters, phase-1 iterations (r = 0.3), 
 LR, MIN_LR, WARMUP, DECAY = 3e-3, 3e-4, 2, 2
 
 
+def wsd_learning_rate(it: int) -> float:
+    """The LR of iteration `it` (from 1) in one WSD schedule over both phases of these runs:
+    linear warm-up over WARMUP, flat through the handoff, linear decay over the last DECAY."""
+    if it <= WARMUP:
+        return LR * it / WARMUP
+    if it <= N - DECAY:
+        return LR
+    return MIN_LR + (LR - MIN_LR) * (1 - (it - (N - DECAY)) / DECAY)
+
+
 def tiny_args(data: dict) -> list[str]:
     """The `tst_tiny` recipe on CPU for this data: N iterations at s = 4, phase 1 the first N1,
     one WSD schedule (warm-up WARMUP, annealing over the last DECAY), a loss line each step."""
@@ -100,15 +110,8 @@ def test_phase2_resumes_phase1_state_with_one_schedule(reference):
     assert re.search(rf"successfully loaded checkpoint from \S*/phase1 .* at iteration {N1}\b", text)
     assert "not loading optimizer" not in text.lower()
     # One WSD schedule over both phases: warm-up, flat through the handoff, linear decay at the end.
-    def wsd(it):
-        if it <= WARMUP:
-            return LR * it / WARMUP
-        if it <= N - DECAY:
-            return LR
-        return MIN_LR + (LR - MIN_LR) * (1 - (it - (N - DECAY)) / DECAY)
-
     assert [log.train[it]["learning rate"] for it in range(1, N + 1)] == pytest.approx(
-        [wsd(it) for it in range(1, N + 1)], rel=1e-6
+        [wsd_learning_rate(it) for it in range(1, N + 1)], rel=1e-6
     )
     # Text flows s times faster in phase 1: 4 * 32 tokens per sample vs 32.
     assert log.text_tokens[N1] == N1 * 4 * 4 * 32
