@@ -200,8 +200,7 @@ def run_all(jobs: list[tuple], concurrency: int) -> list[dict]:
     """`run_one` for each job (name, argv, run_dir, steps, deadline, threads), `concurrency` at a
     time, each with its progress line; their statuses in the jobs' order."""
     def phase1_iters(argv):
-        from nemo_tst.training.arguments import plan_from_args
-        from nemo_tst.training.driver import parse_megatron_args
+        from nemo_tst.training.arguments import parse_megatron_args, plan_from_args
 
         plan = plan_from_args(parse_megatron_args(argv))
         return plan.phase1_iters if plan.settings.bag_size > 1 else 0

@@ -1,32 +1,24 @@
 """The driver's launch plan without launching: which phases run, where each rank starts, how a
 launch is started. No training here."""
 
-import os
 from pathlib import Path
 
 import pytest
 
 from nemo_tst.core.plan import run_phases
-from nemo_tst.training.arguments import plan_from_args
-from nemo_tst.training.driver import (
-    launch_command,
-    parse_megatron_args,
-    phase_argv,
-    phase_commands,
-    resolve_phase_start,
-)
+from nemo_tst.recipes.catalog import load_recipe
+from nemo_tst.training.arguments import parse_megatron_args, plan_from_args
+from nemo_tst.training.argv import phase_argv
+from nemo_tst.training.driver import launch_command, phase_commands, resolve_phase_start
 
 N, N1 = 10, 3
 
 
 def argv_for(save: Path, s: int, *extra: str) -> list[str]:
-    return [
-        "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
-        "--seq-length", "32", "--max-position-embeddings", "32", "--micro-batch-size", "2",
-        "--global-batch-size", "4", "--train-iters", str(N), "--lr", "1e-3",
-        "--tokenizer-type", "NullTokenizer", "--vocab-size", "300", "--transformer-impl", "local",
-        "--tst-bag-size", str(s), "--tst-phase1-fraction", "0.3", "--save", str(save), *extra,
-    ]
+    """The `tst_tiny` recipe as a run of N iterations at s saved in `save` (phase 1: r = 0.3)."""
+    recipe = load_recipe("tst_tiny", gpus=1, overrides=[
+        f"training.train_iters={N}", f"tst.bag_size={s}", "tst.phase1_fraction=0.3", f"run_dir={save}"])
+    return [*recipe.megatron_args(), *extra]
 
 
 def checkpoint(directory: Path, iteration: int) -> None:
@@ -96,20 +88,6 @@ LINE = (" [2026-12-01 10:00:00] iteration      {it:>3}/     100 | consumed sampl
         "learning rate: 1.000000E-03 | {key}: {loss:.6E} | loss scale: 1.0 |\n")
 
 
-def test_trainer_lines_for_the_terminal():
-    from nemo_tst.training.logs import is_progress_line, iteration_line
-
-    assert is_progress_line(LINE.format(it=3, key="lm loss", loss=6.0))
-    assert iteration_line(LINE.format(it=3, key="tst loss", loss=6.0)) == (
-        3, 100, {"learning rate": 1e-3, "tst loss": 6.0})
-    assert is_progress_line(" validation loss at iteration 10 | lm loss value: 6.5E+00 |")
-    for noise in ("------------------------ arguments ------------------------",
-                  "  adam_beta1 ...................................... 0.9",
-                  "/x/megatron/core/optimizer/__init__.py:25: UserWarning: Transformer Engine and Apex "
-                  "are not installed.",
-                  "WARNING:megatron.core.models.gpt.gpt_model:GPTModel IS DEPRECATED."):
-        assert not is_progress_line(noise), noise
-    assert os.path.basename(__file__) == "test_driver.py"
 
 
 def test_a_release_checkpoint_is_not_taken_for_a_damaged_one(tmp_path):

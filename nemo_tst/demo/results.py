@@ -33,7 +33,7 @@ def read_run(log_file: Path, argv: list[str]) -> dict:
         text_tokens_at           {evaluated iteration: text tokens trained on by then}
     """
     from nemo_tst.training.arguments import plan_from_args
-    from nemo_tst.training.driver import parse_megatron_args
+    from nemo_tst.training.arguments import parse_megatron_args
     from nemo_tst.training.logs import TrainingLog, parse_training_log
 
     plan = plan_from_args(parse_megatron_args(argv))  # the plan the run trained
