@@ -24,6 +24,7 @@ same command resumes: data already prepared is reused, finished runs are skipped
 ones continue.
 """
 
+import argparse
 import json
 import os
 import sys
@@ -35,6 +36,7 @@ from typing import Optional
 
 from nemo_tst.conf import CONF_DIR, read_conf
 from nemo_tst.core.settings import SettingError, TSTSettings
+from nemo_tst.errors import RunFailed, is_user_error, user_paths
 from nemo_tst.recipes.catalog import load_recipe
 from nemo_tst.recipes.config import TSTRecipe
 
@@ -420,7 +422,10 @@ def run_demo(out: Path, *, size_name: str, bag_size: int, phase1_fraction: float
     progress.close()
     train_seconds = time.time() - train_start
     if errors:
-        raise RuntimeError("; ".join(str(e) for e in errors.values()))
+        bugs = [err for err in errors.values() if not is_user_error(err)]
+        if bugs:  # with its traceback
+            raise bugs[0]
+        raise RunFailed("; ".join(str(e) for e in errors.values()))
 
     from nemo_tst.training.arguments import plan_from_args
     from nemo_tst.training.driver import parse_megatron_args
@@ -430,7 +435,7 @@ def run_demo(out: Path, *, size_name: str, bag_size: int, phase1_fraction: float
         log_file = out / f"{name}.log"
         log = parse_training_log(log_file.read_text())
         if not log.valid:
-            raise RuntimeError(f"no validation loss found in {log_file}")
+            raise RunFailed(f"no validation loss found in {log_file}")
         plan = plan_from_args(parse_megatron_args(argvs[name]))
         final_it = max(log.valid)
         wall = results[name][1] if results.get(name) else previous.get(name, {}).get("wall_seconds", 0.0)
@@ -498,8 +503,6 @@ def check_demo_settings(bag_size, phase1_fraction, train_iters: int, size: str, 
 
 
 def demo_main(argv: list[str]) -> None:
-    import torch
-
     from nemo_tst.errors import ArgumentParser, positive_int
 
     parser = ArgumentParser(prog="nemo-tst demo", description=__doc__.split("\n\n")[0])
@@ -519,6 +522,13 @@ def demo_main(argv: list[str]) -> None:
                              "OUT/hf/baseline and OUT/hf/tst (nemo-tst export-hf; replaces an "
                              "earlier export there)")
     opts = parser.parse_args(argv)
+    with user_paths({"--out": opts.out}):
+        _demo_command(opts)
+
+
+def _demo_command(opts: argparse.Namespace) -> None:
+    import torch
+
     size = opts.size if opts.size != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
     if opts.export_hf:
         import importlib.util

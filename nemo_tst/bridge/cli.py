@@ -26,6 +26,7 @@ import sys
 from typing import Optional, Sequence
 
 from nemo_tst.core.settings import TSTSettings
+from nemo_tst.errors import run_command, user_paths
 
 __all__ = ["load_recipe", "main", "parse_args"]
 
@@ -102,8 +103,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[int]:
     if overrides:
         cfg = process_config_with_overrides(cfg, cli_overrides=list(overrides))
     phase = args.tst_phase if args.tst_phase == "next" else int(args.tst_phase)
-    return tst_pretrain(cfg, tst, phase=phase, run_dir=args.tst_run_dir)
+    with user_paths({"--tst-run-dir": args.tst_run_dir, "checkpoint.save": cfg.checkpoint.save}):
+        return tst_pretrain(cfg, tst, phase=phase, run_dir=args.tst_run_dir)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command("python -m nemo_tst.bridge.cli", main))

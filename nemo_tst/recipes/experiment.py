@@ -27,6 +27,7 @@ from typing import Optional
 import nemo_run as run
 
 from nemo_tst.core.plan import TSTPlan, run_phases
+from nemo_tst.errors import RunFailed
 from nemo_tst.recipes import catalog
 from nemo_tst.recipes.config import TSTRecipe
 from nemo_tst.recipes.plan import check_recipe
@@ -224,4 +225,4 @@ def main(argv: list[str]) -> None:
     finally:
         sys.argv = saved
     if isinstance(status, int) and status != 0:
-        raise RuntimeError(f"NeMo-Run stopped with status {status}; its message is above")
+        raise RunFailed(f"NeMo-Run stopped with status {status}; its message is above")

@@ -35,6 +35,7 @@ from nemo_tst.core import run_dir
 from nemo_tst.core.data import corpus_shortfall, item_sequence_length
 from nemo_tst.core.plan import TSTPlan, run_phases
 from nemo_tst.core.run_dir import latest_iteration
+from nemo_tst.errors import RunFailed
 from nemo_tst.training.arguments import (
     MEGATRON_NAMES,
     add_tst_arguments,
@@ -486,11 +487,11 @@ def _launch_phases(commands, plan: TSTPlan, save: Path, nproc: int, log_file, on
         if rc != 0:
             reached = latest_iteration(run_dir.phase_dir(save, phase))
             if not trained:
-                raise RuntimeError(
+                raise RunFailed(
                     f"phase {phase} failed before training started (status {rc}){_why(reasons)}; "
                     f"see {log_file}. Fix the cause it names, then rerun"
                 )
-            raise RuntimeError(
+            raise RunFailed(
                 f"phase {phase} crashed during training (status {rc}){_why(reasons)}; see "
                 f"{log_file}. Rerun the same command to resume from the latest checkpoint "
                 f"({'none yet' if reached is None else f'iteration {reached}'})"
@@ -499,7 +500,7 @@ def _launch_phases(commands, plan: TSTPlan, save: Path, nproc: int, log_file, on
         # --exit-duration-in-mins): the next phase starts only from a finished one.
         reached = latest_iteration(run_dir.phase_dir(save, phase))
         if reached != last:
-            raise RuntimeError(
+            raise RunFailed(
                 f"phase {phase} stopped at iteration {reached} before its end ({last}); see "
                 f"{log_file}; nothing was lost: rerun the same command to resume"
             )
