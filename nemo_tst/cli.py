@@ -8,7 +8,7 @@
                   [--corpus-tokens T] [--tokens-per-gpu-second X | --mfu M --peak-tflops F]
                   [--recipe-dir DIR]
     nemo-tst recipes [--recipe-dir DIR]
-                 the built-in recipes (nemo_tst/conf/recipes), DIR's <name>.yaml recipes
+                 the built-in recipes (conf/recipes), DIR's <name>.yaml recipes
                  (same schema; they win over a built-in of the same name), precision presets
     nemo-tst run --factory RECIPE[(gpus=G, precision=P)] [recipe.section.field=value ...]
                  [run.executor=local|slurm|docker run.executor.FIELD=value ...] [--dryrun] [--yes]
@@ -124,7 +124,7 @@ def _plan(rest: list[str]) -> None:
                              "one named like a built-in recipe wins")
     parser.add_argument("overrides", nargs="*", help="section.field=value, e.g. tst.bag_size=8")
     parser.add_argument("--gpus", type=positive_int, default=None, help="which parallel preset (1, 8, 64)")
-    parser.add_argument("--precision", default="bf16", help="a preset of nemo_tst/conf/precision.yaml")
+    parser.add_argument("--precision", default="bf16", help="a preset of conf/precision.yaml")
     parser.add_argument("--corpus-tokens", type=_token_count, default=None,
                         help="unique training tokens available (default: counted from "
                              "data.prefix when it exists here)")
