@@ -11,9 +11,11 @@ run's length, s, r and paths as overrides (`megatron_argv`). Runs (N = --steps):
     baseline_x1.5   s = 1 for 1.5 N steps         (50% more FLOPs)
     [tst_s2, tst_s8 with --extra-bag-sizes 2 8]
 
-Each goes through `nemo-tst pretrain` (= nemo_tst.training.driver.run, Megatron-LM's trainer,
-datasets and checkpoints) in its own process, several at once on one GPU (--concurrency): the
-small models used here leave the GPU idle between kernels, so concurrent runs share it well.
+Each goes through `nemo-tst pretrain`'s driver (Megatron-LM's trainer, datasets and
+checkpoints), several at once on one GPU (--concurrency) with a live progress line each
+(`nemo_tst.demo.runs`, the demo's harness): the small models used here leave the GPU idle
+between kernels, so concurrent runs share it well. A run's trainer output is in
+<work-dir>/N<N>/<run>/train.log.
 
 Reported: the final held-out next-token loss of each run (the same held-out samples at every
 evaluation), TST minus the equal-FLOPs baseline (target <= -0.03 nats), and the iso-loss
@@ -23,39 +25,43 @@ final loss; speedup = n* / N (target >= 1.25). Beyond 1.5N it is extrapolated fr
 two points (flagged); above f(N) it is reported as < 1.
 
 Data: the Python sources of this interpreter's standard library and every site-packages
-directory on sys.path (deduplicated by content; split train/held-out by a hash of the content),
-a byte-level BPE trained on a sample of the training files, Megatron indexed datasets.
+directory on sys.path (`nemo_tst.data.build_stdlib_corpus` with `extra_roots`: a file whose
+content is already taken is left out; 1% of the files held out), a byte-level BPE trained on
+the first --bpe-bytes of the training files, Megatron indexed datasets (`nemo_tst.demo.data`).
 
 Budget: without --steps, the runs are first calibrated (a short baseline run per concurrent
 slot measures the milliseconds per iteration and the process start-up cost), then N is the
 largest multiple of 80 whose runs finish within --budget-minutes. The chosen N is kept in
 <work-dir>/plan_<size>.json, so a rerun resumes the same runs (finished runs are skipped;
 unfinished ones continue from their last checkpoint). Pass --steps N to fix it. With
---prepare-only the script builds the data and calibrates, choosing N for a later call that gets
-the whole --budget-minutes for training (the device machine's 10-minute command limit: one call
-prepares, the next trains).
+--prepare-only the script builds the data and calibrates, choosing N for a later command that gets
+the whole --budget-minutes for training: where one command may run only so long, one command
+prepares and the next trains.
+
+Stopping: Ctrl-C or a TERM to the process group (as `timeout` sends) stops the runs; they keep
+their checkpoints, and the same command again resumes them.
 """
 
 import argparse
-import hashlib
 import json
 import math
 import os
 import re
 import shutil
 import signal
-import site
-import subprocess
 import sys
-import sysconfig
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-from nemo_tst.training.driver import last_value  # noqa: E402
+from nemo_tst.demo.data import data_overrides, prepare_data  # noqa: E402
+from nemo_tst.demo.plot import plot_iso_loss  # noqa: E402
+from nemo_tst.demo.progress import Progress  # noqa: E402
+from nemo_tst.demo.results import read_run, steps_to_reach  # noqa: E402
+from nemo_tst.demo.runs import finished, side_by_side, train  # noqa: E402
 
 # Model and schedule presets: a recipe (conf/recipes/<recipe>.yaml) and overrides of
 # it; model.vocab_size is the BPE's size. corpus_bytes and steps are the benchmark's own.
@@ -66,8 +72,8 @@ SIZES = {
         "model.ffn_hidden_size=1024", "model.seq_length=256", "model.vocab_size=16384",
         "training.lr=1.5e-3", "training.min_lr=1.5e-4", "training.eval_iters=20"],
         corpus_bytes=None),
-    # The shape earlier sessions timed on a lent H100 (megatron-core 0.19, local spec, bf16): about
-    # 114 ms a step, far beyond a 25-minute budget. The GPU demo's model with a larger BPE.
+    # The GPU demo's model with a larger BPE: about 114 ms a step on an H100 (megatron-core 0.19,
+    # local spec, bf16), for budgets of hours rather than minutes.
     "note": dict(recipe="tst_demo_gpu", overrides=["model.vocab_size=16384", "training.eval_iters=20"],
                  corpus_bytes=None),
     # The CPU demo's model (conf/demo.yaml "cpu"): with --steps 8000 the four runs take about 70
@@ -78,112 +84,27 @@ SIZES = {
                       corpus_bytes=3_000_000, steps=40),
 }
 
-SKIP_DIRS = {"__pycache__", "site-packages", "dist-packages", "test", "tests", "idle_test"}
 
 
-# ----- corpus and data -------------------------------------------------------------------------
+# ----- data and runs ---------------------------------------------------------------------------
 
 
-def corpus_roots() -> list[Path]:
-    """The standard library and every site-packages / dist-packages directory on sys.path."""
-    candidates = [sysconfig.get_paths()["stdlib"], *site.getsitepackages()]
-    candidates += [p for p in sys.path if p.rstrip("/").endswith(("site-packages", "dist-packages"))]
-    roots, seen = [], set()
-    for c in candidates:
-        real = os.path.realpath(c)
-        if os.path.isdir(real) and real not in seen:
-            seen.add(real)
-            roots.append(Path(real))
-    return roots
+def data_dir(work: Path, *, vocab: int, max_bytes) -> Path:
+    return work / f"data_v{vocab}_{'all' if max_bytes is None else int(max_bytes)}"
 
 
-def _unit(text: str) -> float:
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64
+def prepare_code_data(work: Path, *, vocab: int, max_bytes, bpe_bytes: int, workers: int) -> dict:
+    """The standard library and site-packages sources -> BPE -> <data dir>/code_train,
+    code_valid (`nemo_tst.demo.data.prepare_data`); reused when already done."""
+    from nemo_tst.data import build_stdlib_corpus, site_packages_roots
 
+    def corpus(out: Path):
+        return build_stdlib_corpus(out, max_bytes=max_bytes, valid_fraction=0.01,
+                                   extra_roots=site_packages_roots())
 
-def collect_files(roots, *, valid_fraction: float, max_bytes) -> tuple[list, list, dict]:
-    """Non-empty UTF-8 *.py files, one copy per content, split by a hash of the content;
-    with max_bytes, a hash-ordered subset of that size (both splits in proportion)."""
-    files, seen = [], set()
-    for root in roots:
-        for directory, dirnames, filenames in os.walk(root):
-            dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("."))
-            for name in sorted(filenames):
-                if not name.endswith(".py"):
-                    continue
-                path = os.path.join(directory, name)
-                try:
-                    data = open(path, "rb").read()
-                    data.decode("utf-8")
-                except (OSError, UnicodeDecodeError):
-                    continue
-                digest = hashlib.sha1(data).hexdigest()
-                if data.strip() and digest not in seen:
-                    seen.add(digest)
-                    files.append((digest, path, len(data)))
-    files.sort()  # by content hash: a stable, package-mixing order
-    train, valid, used = [], [], {"train": 0, "valid": 0}
-    for digest, path, size in files:
-        split = "valid" if _unit("split:" + digest) < valid_fraction else "train"
-        share = valid_fraction if split == "valid" else 1 - valid_fraction
-        if max_bytes is not None and used[split] + size > max_bytes * share:
-            continue
-        (valid if split == "valid" else train).append(path)
-        used[split] += size
-    return train, valid, {"roots": [str(r) for r in roots], "files": len(files),
-                          "train_bytes": used["train"], "valid_bytes": used["valid"]}
-
-
-def prepare_data(work: Path, *, vocab: int, max_bytes, bpe_bytes: int, workers: int) -> dict:
-    """corpus -> tokenizer.json -> <dir>/code_train, code_valid; reused when already done."""
-    from nemo_tst.data import HFTokenizer, iter_texts, preprocess, train_bpe
-
-    out = work / f"data_v{vocab}_{'all' if max_bytes is None else int(max_bytes)}"
-    done = out / "data.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    train, valid, stats = collect_files(corpus_roots(), valid_fraction=0.01, max_bytes=max_bytes)
-    if not train or not valid:
-        raise SystemExit(f"corpus too small: {len(train)} train / {len(valid)} held-out files")
-    print(f"[quality] corpus: {stats['train_bytes'] / 1e6:.1f} MB train ({len(train)} files), "
-          f"{stats['valid_bytes'] / 1e6:.1f} MB held out ({len(valid)} files) from "
-          f"{len(stats['roots'])} roots ({time.time() - t0:.0f}s)", flush=True)
-    sample, used = [], 0
-    for path in train:  # already in hash order: a mixed sample
-        if used >= bpe_bytes:
-            break
-        sample.append(path)
-        used += os.path.getsize(path)
-    t1 = time.time()
-    tokenizer_path = out / "tokenizer.json"
-    train_bpe(iter_texts(sample), vocab_size=vocab, save_path=tokenizer_path)
-    tokenizer = HFTokenizer.from_file(tokenizer_path)
-    print(f"[quality] BPE ({vocab}) on {used / 1e6:.1f} MB: {time.time() - t1:.0f}s", flush=True)
-    t2 = time.time()
-    result = preprocess(train, str(out / "code"), tokenizer, held_out_inputs=valid,
-                        workers=workers, overwrite=True, progress=False)
-    info = stats | {
-        "tokenizer": str(tokenizer_path), "train_prefix": result.train.prefix,
-        "valid_prefix": result.valid.prefix, "train_tokens": result.train.tokens,
-        "valid_tokens": result.valid.tokens, "vocab_size": tokenizer.vocab_size,
-        "seconds": round(time.time() - t0, 1),
-    }
-    print(f"[quality] preprocessed {info['train_tokens']:,} train / {info['valid_tokens']:,} "
-          f"held-out tokens ({time.time() - t2:.0f}s)", flush=True)
-    done.write_text(json.dumps(info, indent=2))
-    return info
-
-
-# ----- runs ------------------------------------------------------------------------------------
-
-
-def latest_iteration(run_dir: Path, phase: int):
-    """The latest complete checkpoint of one phase of a run (its --save is run_dir/ckpt)."""
-    from nemo_tst.core.run_dir import latest_iteration as tracked, phase_dir
-
-    return tracked(phase_dir(run_dir / "ckpt", phase))
+    return prepare_data(data_dir(work, vocab=vocab, max_bytes=max_bytes), corpus, vocab_size=vocab,
+                        prefix="code", workers=workers, bpe_bytes=bpe_bytes,
+                        say=lambda text: print(f"[quality] {text}", flush=True))
 
 
 def eval_interval(steps: list[int], longest_gap: int) -> int:
@@ -199,8 +120,8 @@ def run_overrides(data: dict, *, steps: int, bag_size: int, r: float, warmup: in
                   save_every: int, save: Path, cpu: bool, attention, log_every=None) -> list[str]:
     """The overrides of one run on top of the size's recipe: its length and schedule cadence,
     s and r, data, checkpoints, device."""
-    prefix = data["train_prefix"].removesuffix("_train")
-    assert data["valid_prefix"] == f"{prefix}_valid", data
+    # Megatron caches dataset indices beside the data by default; runs started together
+    # with the same dataset settings would write and read the same files at once.
     extra = ["--data-cache-path", str(save.parent / "index_cache")]
     if attention:
         extra += ["--tst-attention", attention]
@@ -209,14 +130,8 @@ def run_overrides(data: dict, *, steps: int, bag_size: int, r: float, warmup: in
         f"training.eval_interval={eval_every}", f"training.save_interval={save_every}",
         f"training.log_interval={log_every or max(min(eval_every, 100) // 2, 1)}",
         f"tst.bag_size={bag_size}", f"tst.phase1_fraction={r}",
-        f"data.prefix={json.dumps(prefix)}", f"data.tokenizer={json.dumps(data['tokenizer'])}",
-        f"model.vocab_size={data['vocab_size']}", "data.num_workers=0",
-        f"cpu={'true' if cpu else 'false'}",
-        "transformer_impl=local",  # plain PyTorch layers: the pip install has no Transformer Engine
-        f"run_dir={json.dumps(str(save))}",
-        # Megatron caches dataset indices beside the data by default; runs started together
-        # with the same dataset settings would write and read the same files at once.
-        f"extra_args={json.dumps(extra)}",
+        *data_overrides(data, data_dir=Path(data["tokenizer"]).parent, cpu=cpu, run_dir=save,
+                        extra_args=extra),
     ]
 
 
@@ -240,95 +155,64 @@ def size_recipe(size_name: str, *, vocab=None, lr=None):
     return load_recipe(preset["recipe"], overrides=overrides)
 
 
-def say(line: str) -> None:
-    """One whole line at a time (runs report from several threads)."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
-_RUNNING: set = set()  # Popen objects of the runs in flight (each leads its own process group)
-_STOPPING = False  # set by a signal: start nothing more
+_STOP = threading.Event()  # set by a signal: start no further phase or run
 
 
 def _stop_runs(signum, frame):
-    """SIGTERM/SIGINT (run_all.sh's timeout, Ctrl-C): take the runs' process groups down too;
-    they keep their checkpoints, so a rerun resumes."""
-    global _STOPPING
-    _STOPPING = True
-    for proc in list(_RUNNING):
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+    """TERM/INT: start nothing more and stop. The runs' trainers are in this process group and
+    get the same signal from `timeout` or Ctrl-C; they keep their checkpoints, a rerun resumes."""
+    _STOP.set()
     raise SystemExit(f"[quality] stopped by signal {signum}; rerun the same command to resume")
 
 
-def _launch(cmd: list[str], env: dict, out, deadline):
-    """Run one driver call in its own process group; at the deadline (+20 s) take it down."""
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    _RUNNING.add(proc)
-    try:
-        return proc.wait(timeout=None if deadline is None else max(deadline - time.time(), 0) + 20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        return "killed at the deadline"
-    finally:
-        _RUNNING.discard(proc)
-
-
-def run_one(name: str, argv: list[str], run_dir: Path, steps: int, deadline, threads=None) -> dict:
-    """`nemo-tst pretrain` for one run, phase by phase (`--tst-phase 1`, then `2`; a baseline,
-    s = 1, is one launch, phase 2), so that each phase gets Megatron's --exit-duration-in-mins
-    from the time left when it starts (Megatron then saves and exits cleanly; a rerun resumes).
-    Finished phases are skipped."""
-    log = run_dir / "train.log"
-    if latest_iteration(run_dir, 2) == steps:
+def run_one(name: str, argv: list[str], run_dir: Path, steps: int, deadline, progress: Progress,
+            threads=None) -> dict:
+    """One run (`nemo_tst.demo.runs.train`, its checkpoints in run_dir/ckpt), each phase with
+    Megatron's --exit-duration-in-mins from the time left when it starts. Returns its status,
+    never raises: the other runs and the report go on."""
+    save = run_dir / "ckpt"
+    if finished(save, steps):
+        progress.set_status(name, "complete (reused)")
         return {"status": "done (reused)", "seconds": 0.0}
     run_dir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(C.REPO), os.environ.get("PYTHONPATH")])))
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(C.REPO), os.environ.get("PYTHONPATH")]))}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    t0, rc = time.time(), 0
-    say(f"[quality] {name}: start ({steps} steps), log {log}")
-    with open(run_dir / "driver.out", "a") as out:
-        bag_size = last_value(argv, "--tst-bag-size")
-        for phase in ("2",) if bag_size == "1" else ("1", "2"):
-            if phase == "1" and latest_iteration(run_dir, 2) is not None:
-                continue  # phase 2 started: phase 1 is complete
-            if _STOPPING:
-                rc = "stopped by a signal"
-                break
-            extra = []
-            if deadline is not None:
-                minutes = int((deadline - time.time()) // 60)
-                if minutes < 1:
-                    rc = "out of time before phase " + phase
-                    break
-                extra = ["--exit-duration-in-mins", str(minutes)]
-            cmd = [sys.executable, "-m", "nemo_tst.cli", "pretrain", "--log-file", str(log), *argv,
-                   "--tst-phase", phase, *extra]
-            rc = _launch(cmd, env, out, deadline)
-            if rc != 0:
-                break
+
+    def into_driver_out(text: str) -> None:
+        with open(run_dir / "driver.out", "a") as out:
+            out.write(text + "\n")
+
+    t0, why = time.time(), ""
+    progress.note(f"[quality] {name}: start ({steps} steps), log {run_dir / 'train.log'}")
+    try:
+        train(name, argv, log_file=run_dir / "train.log", progress=progress, env=env,
+              say=into_driver_out, deadline=deadline, stop=_STOP)
+    except Exception as err:  # noqa: BLE001 - reported as the run's status
+        why = str(err)[:200]
     seconds = round(time.time() - t0, 1)
-    if latest_iteration(run_dir, 2) == steps:
-        status = "done"
-    else:
-        tail = (run_dir / "driver.out").read_text(errors="replace").strip().splitlines()[-1:] or [""]
-        why = rc if isinstance(rc, str) else f"exit {rc}: {tail[0][:200]}"
-        status = f"incomplete (rerun to resume): {why}"
-    say(f"[quality] {name}: {status} in {seconds:.0f}s")
+    status = "done" if finished(save, steps) else f"incomplete (rerun to resume): {why}"
+    progress.note(f"[quality] {name}: {status} in {seconds:.0f}s")
     return {"status": status, "seconds": seconds}
 
 
 def run_all(jobs: list[tuple], concurrency: int) -> list[dict]:
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        return list(pool.map(lambda job: run_one(*job), jobs))
+    """`run_one` for each job (name, argv, run_dir, steps, deadline, threads), `concurrency` at a
+    time, each with its progress line; their statuses in the jobs' order."""
+    def phase1_iters(argv):
+        from nemo_tst.training.arguments import parse_megatron_args, plan_from_args
+
+        plan = plan_from_args(parse_megatron_args(argv))
+        return plan.phase1_iters if plan.settings.bag_size > 1 else 0
+
+    progress = Progress({job[0]: {"phase1_iters": phase1_iters(job[1])} for job in jobs}, tag="quality")
+    by_name = {job[0]: job for job in jobs}
+    try:
+        statuses = side_by_side(lambda name: run_one(*by_name[name][:5], progress, by_name[name][5]),
+                                list(by_name), workers=concurrency)
+    finally:
+        progress.close()
+    return [statuses[job[0]] for job in jobs]
 
 
 _ITER_MS = re.compile(r"elapsed time per iteration \(ms\): ([\d.]+)")
@@ -416,45 +300,7 @@ def head_start(tst: dict, base: dict, n1: int) -> list[dict]:
     return rows
 
 
-def plot(runs: dict, phase1_end: dict, points, path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("[quality] matplotlib missing: no plot", file=sys.stderr)
-        return False
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
-    for name, r in runs.items():
-        if r["valid"]:
-            its = sorted(r["valid"])
-            left.plot(its, [r["valid"][i] for i in its], marker=".", label=name, color=f"C{list(runs).index(name)}")
-    for name, n1 in phase1_end.items():
-        left.axvline(n1, color="gray", linestyle=":", linewidth=1)
-    left.set(xlabel="iteration", ylabel="held-out next-token loss (nats)", title="held-out loss")
-    finals = [r["final_loss"] for r in runs.values() if r.get("final_loss") is not None]
-    if finals:
-        left.set_ylim(min(finals) - 0.1, min(finals) + 1.5)
-    if points:
-        xs, ys = zip(*sorted(points))
-        right.plot(xs, ys, marker="o", color="black", label="baseline final loss vs its length")
-    for i, (name, r) in enumerate(runs.items()):
-        if r["bag_size"] > 1 and r.get("final_loss") is not None:
-            right.axhline(r["final_loss"], linestyle="--", color=f"C{i}",
-                          label=f"{name} final loss ({r['steps']} steps)")
-    right.set(xlabel="baseline steps (FLOPs)", ylabel="final held-out loss (nats)", title="iso-loss")
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
-def main(argv=None) -> dict:
+def parse_options(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     C.add_device_args(parser, default_out="benchmarks/results/quality.json")
     parser.add_argument("--work-dir", type=Path, default=Path("benchmarks/work/quality"),
@@ -472,7 +318,7 @@ def main(argv=None) -> dict:
                         help="longer baselines for the iso-loss speedup (none: baseline vs TST only)")
     parser.add_argument("--concurrency", type=int, default=None, help="runs at once (CUDA: all, CPU: 2)")
     parser.add_argument("--prepare-only", action="store_true",
-                        help="build the data and calibrate N (for a later call with the same "
+                        help="build the data and calibrate N (for a later command with the same "
                              "--budget-minutes and --work-dir), then stop")
     parser.add_argument("--data-only", action="store_true",
                         help="build the data (corpus, BPE, indexed datasets) in --work-dir, then stop; "
@@ -485,72 +331,54 @@ def main(argv=None) -> dict:
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--attention", choices=["sdpa", "unfused"], default=None,
                         help="--tst-attention for the trainer, when it has that option")
-    opts = parser.parse_args(argv)
-    device = C.resolve_device(opts.device)
-    cpu = device.type == "cpu"
-    start = time.time()
-    deadline = start + opts.budget_minutes * 60 if opts.budget_minutes else None
-    size_name = opts.size or ("cpu-smoke" if cpu else "budget")
-    recipe = size_recipe(size_name, vocab=opts.vocab, lr=opts.lr)
-    preset_bytes = SIZES[size_name]["corpus_bytes"]
-    max_bytes = opts.corpus_bytes if opts.corpus_bytes is not None else preset_bytes
-    preset_steps = SIZES[size_name].get("steps")
-    n_runs = 2 + len(opts.baseline_multipliers) + len(opts.extra_bag_sizes)
-    concurrency = opts.concurrency or (min(2, n_runs) if cpu else n_runs)
-    threads = max(1, (os.cpu_count() or 1) // concurrency) if cpu else None
-    work = opts.work_dir.resolve()
-    work.mkdir(parents=True, exist_ok=True)
+    return parser.parse_args(argv)
 
+
+def trainer_attention(requested) -> tuple:
+    """(the --tst-attention to pass, None for the trainer's default; the attention used, in words)."""
     from nemo_tst.training.arguments import add_tst_arguments
 
     probe = argparse.ArgumentParser()
     add_tst_arguments(probe)
     has_attention_flag = any("--tst-attention" in a.option_strings for a in probe._actions)
-    attention = opts.attention if has_attention_flag else None  # None: the trainer's default
-    if opts.attention and not has_attention_flag:
+    attention = requested if has_attention_flag else None  # None: the trainer's default
+    if requested and not has_attention_flag:
         print("[quality] this trainer has no --tst-attention option: using its default", file=sys.stderr)
-    attention_used = attention or (f"{probe.get_default('tst_attention')} (trainer default)"
-                                   if has_attention_flag else "unfused (local spec)")
+    used = attention or (f"{probe.get_default('tst_attention')} (trainer default)"
+                         if has_attention_flag else "unfused (local spec)")
+    return attention, used
 
-    data = prepare_data(work, vocab=recipe.model.vocab_size, max_bytes=max_bytes, bpe_bytes=int(opts.bpe_bytes),
-                        workers=max(os.cpu_count() or 1, 1))
-    if opts.data_only:
-        print(f"[quality] data ready in {work} ({time.time() - start:.0f}s)", flush=True)
-        return {"data": data}
-    # From here on this process starts trainer process groups: stop them with it. (Set after the
-    # data step: its worker pool must keep the default SIGTERM behaviour.)
-    signal.signal(signal.SIGTERM, _stop_runs)
-    signal.signal(signal.SIGINT, _stop_runs)
 
-    # N: given, preset (CPU smoke), remembered from an earlier call, or calibrated.
+def steps_for_budget(opts, *, work: Path, size_name: str, recipe, data: dict, cpu: bool, attention,
+                     n_runs: int, concurrency: int, threads, deadline) -> tuple:
+    """(N, calibration): given, preset (CPU smoke), remembered from an earlier command, or
+    calibrated to what is left of the budget."""
     plan_file = work / f"plan_{size_name}.json"
-    calibration = None
     if opts.steps:
-        N = opts.steps
-    elif preset_steps and cpu:
-        N = preset_steps
-    elif plan_file.is_file():
+        return opts.steps, None
+    if SIZES[size_name].get("steps") and cpu:
+        return SIZES[size_name]["steps"], None
+    if plan_file.is_file():
         saved = json.loads(plan_file.read_text())
-        N, calibration = saved["steps"], saved.get("calibration")
-        print(f"[quality] reusing N = {N} from {plan_file}", flush=True)
-    else:
-        if deadline is None:
-            raise SystemExit("give --steps N or a --budget-minutes to calibrate N for")
-        calibration = calibrate(work, recipe, data, slots=concurrency, cpu=cpu, attention=attention,
-                                threads=threads)
-        mults = [1.0, 1.0, *opts.baseline_multipliers, *[1.0] * len(opts.extra_bag_sizes)]
-        # With --prepare-only, plan for a later call that starts with data and plan ready.
-        seconds = opts.budget_minutes * 60 if opts.prepare_only else deadline - time.time()
-        N = choose_steps(calibration, mults, n_runs, concurrency, seconds - opts.reserve_seconds)
-        print(f"[quality] calibration: {calibration['ms_per_iteration']:.1f} ms/iteration with "
-              f"{concurrency} runs sharing the device, {calibration['seconds_per_phase_startup']:.0f}s "
-              f"per phase start-up -> N = {N}", flush=True)
-        plan_file.write_text(json.dumps({"steps": N, "calibration": calibration}, indent=2))
+        print(f"[quality] reusing N = {saved['steps']} from {plan_file}", flush=True)
+        return saved["steps"], saved.get("calibration")
+    if deadline is None:
+        raise SystemExit("give --steps N or a --budget-minutes to calibrate N for")
+    calibration = calibrate(work, recipe, data, slots=concurrency, cpu=cpu, attention=attention,
+                            threads=threads)
+    mults = [1.0, 1.0, *opts.baseline_multipliers, *[1.0] * len(opts.extra_bag_sizes)]
+    # With --prepare-only, plan for a later command that starts with data and plan ready.
+    seconds = opts.budget_minutes * 60 if opts.prepare_only else deadline - time.time()
+    N = choose_steps(calibration, mults, n_runs, concurrency, seconds - opts.reserve_seconds)
+    print(f"[quality] calibration: {calibration['ms_per_iteration']:.1f} ms/iteration with "
+          f"{concurrency} runs sharing the device, {calibration['seconds_per_phase_startup']:.0f}s "
+          f"per phase start-up -> N = {N}", flush=True)
+    plan_file.write_text(json.dumps({"steps": N, "calibration": calibration}, indent=2))
+    return N, calibration
 
-    if opts.prepare_only:
-        print(f"[quality] prepared: data in {work}, N = {N} ({plan_file})")
-        return {"steps": N, "data": data, "calibration": calibration}
 
+def run_lengths(opts, N: int) -> dict:
+    """{run name: (s, steps)}: the baseline, the TST runs, the longer baselines."""
     runs = {"baseline": (1, N)}
     for s in [opts.bag_size, *opts.extra_bag_sizes]:
         runs[f"tst_s{s}"] = (s, N)
@@ -559,42 +387,11 @@ def main(argv=None) -> dict:
         if abs(steps - m * N) > 1e-9:
             raise SystemExit(f"{m} x --steps {N} is not a whole number of steps: pick N a multiple of 80")
         runs[f"baseline_x{m:g}"] = (1, steps)
-    lengths = sorted({steps for _, steps in runs.values()})
-    every = eval_interval(lengths, N // 8 if size_name == "cpu-smoke" else N // 16)
-    save_every = every * max(1, (N // 3) // every) if not cpu else N
-    warmup = max(1, min(300, N // 20))
-    jobs = []
-    for name, (s, steps) in runs.items():
-        run_dir = work / f"N{N}" / name
-        argv_run = megatron_argv(recipe, data, steps=steps, bag_size=s, r=opts.phase1_fraction,
-                                 warmup=warmup, eval_every=every, save_every=save_every,
-                                 save=run_dir / "ckpt", cpu=cpu, attention=attention)
-        jobs.append((name, argv_run, run_dir, steps, deadline, threads))
-    statuses = run_all(jobs, concurrency)
+    return runs
 
-    # ----- read the logs back
-    from nemo_tst.training.arguments import plan_from_args
-    from nemo_tst.training.driver import parse_megatron_args
-    from nemo_tst.training.logs import parse_training_log
 
-    results, phase1_end = {}, {}
-    model = recipe.model
-    for (name, argv_run, run_dir, steps, _, _), status in zip(jobs, statuses):
-        s = runs[name][0]
-        log_path = run_dir / "train.log"
-        log = parse_training_log(log_path.read_text(errors="replace")) if log_path.is_file() else None
-        plan = plan_from_args(parse_megatron_args(argv_run))  # the plan the run trained
-        n1 = plan.phase1_iters
-        valid = dict(log.valid) if log else {}
-        results[name] = {
-            "bag_size": s, "steps": steps, "phase1_iters": n1 if s > 1 else 0,
-            "status": status["status"], "wall_seconds": status["seconds"],
-            "final_loss": valid.get(steps), "valid": valid,
-            "text_tokens": plan.text_tokens_after(steps),
-        }
-        if s > 1:
-            phase1_end[name] = n1
-
+def iso_loss_summary(results: dict, N: int) -> tuple[dict, list]:
+    """({TST run: its comparison with the baselines}, the baselines' (steps, final loss))."""
     base = results["baseline"]["final_loss"]
     points = [(r["steps"], r["final_loss"]) for r in results.values()
               if r["bag_size"] == 1 and r["final_loss"] is not None]
@@ -606,11 +403,14 @@ def main(argv=None) -> dict:
                 "head_start": head_start(r["valid"], results["baseline"]["valid"], r["phase1_iters"]),
                 "minus_baseline": None if base is None else r["final_loss"] - base,
                 "iso_loss_speedup": speedup, "speedup_how": how,
-                "reaches_baseline_final_at": next(
-                    (it for it in sorted(r["valid"]) if base is not None and r["valid"][it] <= base), None),
+                "reaches_baseline_final_at": steps_to_reach(r["valid"], base),
             }
+    return summary, points
 
-    env = C.environment(device)
+
+def print_report(title: str, results: dict, summary: dict) -> str:
+    """The table, each TST run against the targets, and where its gap comes from; returns the
+    table as markdown."""
     rows = []
     for name, r in results.items():
         sm = summary.get(name, {})
@@ -620,11 +420,6 @@ def main(argv=None) -> dict:
                      (C.fmt(sm.get("iso_loss_speedup"), ".2f") + "x" if sm.get("iso_loss_speedup")
                       else sm.get("speedup_how", "-")) if sm else "-",
                      f"{r['wall_seconds']:.0f}", r["status"].split(":")[0]])
-    title = (f"quality at equal FLOPs: {model.num_layers} layers, hidden {model.hidden_size}, "
-             f"{model.num_attention_heads} heads, ffn {model.ffn_hidden_size}, V {data['vocab_size']}, "
-             f"L {model.seq_length}, global batch {recipe.training.global_batch_size}, {attention_used} attention, N = {N}, TST r = "
-             f"{opts.phase1_fraction}, held-out "
-             f"next-token loss every {every} steps; {env['device']}")
     md = C.print_table(title, ["run", "s", "steps", "text tokens", "final loss", "TST - base",
                                "iso-loss speedup", "wall s", "status"], rows)
     for name, sm in summary.items():
@@ -642,9 +437,78 @@ def main(argv=None) -> dict:
             for h in dict((h["k"], h) for h in shown).values():
                 print(f"  iteration {h['iteration']:>6} (k = {h['k']:>5}): head start "
                       f"{h['head_start']:+.4f}, gap {C.fmt(h['gap'], '+.4f')}")
+    return md
+
+
+def main(argv=None) -> dict:
+    opts = parse_options(argv)
+    device = C.resolve_device(opts.device)
+    cpu = device.type == "cpu"
+    start = time.time()
+    deadline = start + opts.budget_minutes * 60 if opts.budget_minutes else None
+    size_name = opts.size or ("cpu-smoke" if cpu else "budget")
+    recipe = size_recipe(size_name, vocab=opts.vocab, lr=opts.lr)
+    max_bytes = opts.corpus_bytes if opts.corpus_bytes is not None else SIZES[size_name]["corpus_bytes"]
+    n_runs = 2 + len(opts.baseline_multipliers) + len(opts.extra_bag_sizes)
+    concurrency = opts.concurrency or (min(2, n_runs) if cpu else n_runs)
+    threads = max(1, (os.cpu_count() or 1) // concurrency) if cpu else None
+    work = opts.work_dir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    attention, attention_used = trainer_attention(opts.attention)
+
+    data = prepare_code_data(work, vocab=recipe.model.vocab_size, max_bytes=max_bytes,
+                             bpe_bytes=int(opts.bpe_bytes), workers=max(os.cpu_count() or 1, 1))
+    if opts.data_only:
+        print(f"[quality] data ready in {work} ({time.time() - start:.0f}s)", flush=True)
+        return {"data": data}
+    # From here on this process trains: a signal stops it and its runs. (Set after the data
+    # step: its worker pool must keep the default SIGTERM behaviour.)
+    signal.signal(signal.SIGTERM, _stop_runs)
+    signal.signal(signal.SIGINT, _stop_runs)
+    N, calibration = steps_for_budget(opts, work=work, size_name=size_name, recipe=recipe, data=data, cpu=cpu,
+                                      attention=attention, n_runs=n_runs, concurrency=concurrency,
+                                      threads=threads, deadline=deadline)
+    if opts.prepare_only:
+        print(f"[quality] prepared: data in {work}, N = {N} ({work / f'plan_{size_name}.json'})")
+        return {"steps": N, "data": data, "calibration": calibration}
+
+    runs = run_lengths(opts, N)
+    lengths = sorted({steps for _, steps in runs.values()})
+    every = eval_interval(lengths, N // 8 if size_name == "cpu-smoke" else N // 16)
+    save_every = every * max(1, (N // 3) // every) if not cpu else N
+    warmup = max(1, min(300, N // 20))
+    jobs = []
+    for name, (s, steps) in runs.items():
+        run_dir = work / f"N{N}" / name
+        argv_run = megatron_argv(recipe, data, steps=steps, bag_size=s, r=opts.phase1_fraction,
+                                 warmup=warmup, eval_every=every, save_every=save_every,
+                                 save=run_dir / "ckpt", cpu=cpu, attention=attention)
+        jobs.append((name, argv_run, run_dir, steps, deadline, threads))
+    statuses = run_all(jobs, concurrency)
+
+    results, phase1_end = {}, {}
+    for (name, argv_run, run_dir, steps, _, _), status in zip(jobs, statuses):
+        run = read_run(run_dir / "train.log", argv_run)
+        results[name] = {
+            "bag_size": run["bag_size"], "steps": steps, "phase1_iters": run["phase1_iters"],
+            "status": status["status"], "wall_seconds": status["seconds"],
+            "final_loss": run["valid"].get(steps), "valid": run["valid"], "text_tokens": run["text_tokens"],
+        }
+        if run["bag_size"] > 1:
+            phase1_end[name] = run["phase1_iters"]
+    summary, points = iso_loss_summary(results, N)
+
+    env = C.environment(device)
+    model = recipe.model
+    title = (f"quality at equal FLOPs: {model.num_layers} layers, hidden {model.hidden_size}, "
+             f"{model.num_attention_heads} heads, ffn {model.ffn_hidden_size}, V {data['vocab_size']}, "
+             f"L {model.seq_length}, global batch {recipe.training.global_batch_size}, {attention_used} attention, N = {N}, TST r = "
+             f"{opts.phase1_fraction}, held-out "
+             f"next-token loss every {every} steps; {env['device']}")
+    md = print_report(title, results, summary)
     png = opts.out.with_name(opts.out.stem + "_loss_curves.png")
     png.parent.mkdir(parents=True, exist_ok=True)
-    plotted = plot(results, phase1_end, points, png)
+    plotted = plot_iso_loss(results, phase1_end, points, png)
     payload = {"benchmark": "quality", "command": C.command_line(), "env": env,
                "config": {k: v for k, v in vars(opts).items() if k != "out"} | {
                    "size_name": size_name,

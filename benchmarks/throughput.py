@@ -142,7 +142,7 @@ def measure(impl: str, precision: str, opts, device) -> dict:
     if device.type == "cuda":
         row["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         row["mfu"] = row["model_tflops_per_s"] / opts.peak_tflops
-    del model, optimizer
+    model = optimizer = None  # rebound, not deleted: step() and loss_of() refer to the names
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row

@@ -216,7 +216,6 @@ def _export_hf(rest: list[str]) -> None:
 
 def _token_count(text: str) -> int:
     """argparse type: a token count >= 1, also written as 1e9."""
-    import argparse
     import math
 
     value = float(text)
@@ -227,8 +226,6 @@ def _token_count(text: str) -> int:
 
 def _iteration(text: str) -> int:
     """argparse type: an iteration, a whole number >= 0."""
-    import argparse
-
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text} is not an iteration (a whole number >= 0)")

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import torch.nn.functional as F
 
-N, N1, SAVE_INTERVAL = 10, 3, 2  # as tests/test_training_e2e.py
-LR, MIN_LR, WARMUP, DECAY = 3e-3, 3e-4, 2, 2
+from tests.test_training_e2e import DECAY, LR, MIN_LR, N, SAVE_INTERVAL, WARMUP
 
 
 def tiny_pretrain_config(*, train_prefix: str, valid_prefix: str, vocab_size: int, save: str,

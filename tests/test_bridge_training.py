@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from nemo_tst.core.run_dir import latest_iteration, phase_dir
-from nemo_tst.training.logs import iteration_line, parse_training_log, training_loss
+from nemo_tst.training.logs import iteration_line, training_loss
 from tests.distributed import free_port
-from tests.bridge_recipes import DECAY, LR, MIN_LR, N, N1, WARMUP, write_recipe_module
+from tests.bridge_recipes import write_recipe_module
+from tests.test_training_e2e import N, N1, wsd_learning_rate
 
 ROOT = Path(__file__).resolve().parent.parent
 TST = ["--tst-cpu", "--tst-bag-size", "4", "--tst-phase1-fraction", "0.3"]
@@ -94,15 +95,8 @@ def test_both_phases_train_through_bridge_pretrain_and_hand_off(reference):
     assert latest_iteration(phase_dir(run, 2)) == N
 
     # One WSD schedule over both phases, as Megatron-LM's run has.
-    def wsd(it):
-        if it <= WARMUP:
-            return LR * it / WARMUP
-        if it <= N - DECAY:
-            return LR
-        return MIN_LR + (LR - MIN_LR) * (1 - (it - (N - DECAY)) / DECAY)
-
     assert [losses[it]["learning rate"] for it in range(1, N + 1)] == pytest.approx(
-        [wsd(it) for it in range(1, N + 1)], rel=1e-6
+        [wsd_learning_rate(it) for it in range(1, N + 1)], rel=1e-6
     )
     # Training lowers the loss in each phase.
     assert losses[N1]["tst loss"] < losses[1]["tst loss"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from nemo_tst.cli import main
-from nemo_tst.recipes.config import LOCAL_LAYERS_ARGS
+from nemo_tst.recipes.catalog import load_recipe
 
 
 def test_help_and_unknown_command(capsys):
@@ -54,16 +54,16 @@ def test_preprocess_writes_indexed_datasets_and_refuses_to_overwrite(small_data,
 
 
 def pretrain_args(data, save, *extra):
-    return [
-        "pretrain", "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
-        "--seq-length", "32", "--max-position-embeddings", "32", "--micro-batch-size", "2",
-        "--global-batch-size", "4", "--train-iters", "10", "--lr", "1e-3",
-        "--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "2", "--lr-warmup-iters", "1",
-        "--tokenizer-type", "NullTokenizer", "--vocab-size", "300",
-        "--train-data-path", f"{data['prefix']}_train", "--valid-data-path", f"{data['prefix']}_valid",
-        "--tst-tokenizer", str(data["tokenizer"]), "--tst-bag-size", "4", "--save", str(save),
-        "--save-interval", "5", *LOCAL_LAYERS_ARGS, "--tst-cpu", *extra,
-    ]
+    """`nemo-tst pretrain` with the `tst_tiny` recipe on CPU, sized for this data: 10 iterations
+    at s = 4 (phase 1: 3), the WSD annealing over the last 2, a checkpoint every 5."""
+    recipe = load_recipe("tst_tiny", gpus=1, overrides=[
+        "cpu=true", f"data.prefix={data['prefix']}", "model.vocab_size=300", "model.seq_length=32",
+        "parallel.micro_batch_size=2", "training.global_batch_size=4", "training.train_iters=10",
+        "training.lr=1e-3", "training.min_lr=0", "training.warmup_iters=1", "training.decay_fraction=0.2",
+        "training.save_interval=5", "tst.bag_size=4", f"run_dir={save}",
+    ])
+    assert recipe.data.tokenizer_path == str(data["tokenizer"])
+    return ["pretrain", *recipe.megatron_args(), *extra]
 
 
 def tree(path: Path) -> dict:
@@ -216,8 +216,8 @@ def phase2_without_phase1(save: Path, argv):
 
 def checkpoint_past_the_end(save: Path, argv: list[str], iteration=50):
     """A genuine run directory of this plan whose phase 2 holds iteration 50 of 10."""
-    from nemo_tst.training.arguments import plan_from_args
-    from nemo_tst.training.driver import claim_run_directory, parse_megatron_args
+    from nemo_tst.training.arguments import parse_megatron_args, plan_from_args
+    from nemo_tst.training.driver import claim_run_directory
 
     args = parse_megatron_args(argv[1:])
     claim_run_directory(save, args, plan_from_args(args))
@@ -346,6 +346,8 @@ def test_bad_input_is_refused_before_any_work(small_data, tmp_path, capsys, case
         if None in extra:  # (option, None): the option left out
             argv = _without_option(argv, extra[0])
         else:
+            if "--tst-phase1-iters" in extra:  # phase 1's length in iterations, not the recipe's r
+                argv = _without_option(argv, "--tst-phase1-fraction")
             argv = argv + list(extra)
     elif case in PREPARED:
         prepare, words = PREPARED[case]
@@ -395,8 +397,8 @@ def test_pretrain_help_lists_every_tst_option(capsys):
 
 def test_a_failed_first_start_does_not_block_the_corrected_command(small_data, tmp_path):
     """A manifest from a start that never saved a checkpoint does not pin its settings."""
-    from nemo_tst.training.arguments import plan_from_args
-    from nemo_tst.training.driver import check_before_launch, claim_run_directory, parse_megatron_args
+    from nemo_tst.training.arguments import parse_megatron_args, plan_from_args
+    from nemo_tst.training.driver import check_before_launch, claim_run_directory
 
     save = tmp_path / "run"
     first = pretrain_args(small_data, save, "--tst-bag-size", "2")[1:]

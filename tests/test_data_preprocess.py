@@ -221,7 +221,9 @@ def test_overwrite_protection(inputs, tokenizer, tmp_path):
 
 
 def test_preprocess_errors(inputs, tokenizer, tmp_path):
-    run = lambda paths, **kw: preprocess(paths, tmp_path / "e", tokenizer, progress=False, **kw)
+    def run(paths, **kw):
+        return preprocess(paths, tmp_path / "e", tokenizer, progress=False, **kw)
+
     with pytest.raises(ValueError, match="inputs: .*nope.txt' does not exist"):
         run([tmp_path / "nope.txt"])
     (tmp_path / "bins").mkdir()
@@ -326,3 +328,20 @@ def test_gpt_dataset_builds_over_the_prefixes(corpus, tokenizer, tmp_path):
         for piece in (window[a:b] for a, b in zip(cuts, cuts[1:]) if b > a):
             assert _aligned_find(stream, numpy.asarray(piece, numpy.int32).tobytes()), piece
     assert os.listdir(tmp_path / "cache")  # indices were cached
+
+
+def test_corpus_extra_roots_add_files_not_copies(tmp_path):
+    lib, extra = tmp_path / "lib", tmp_path / "site"
+    (lib / "pkg").mkdir(parents=True)
+    (extra / "vendored").mkdir(parents=True)
+    (lib / "a.py").write_text("a = 1\n")
+    (lib / "pkg" / "b.py").write_text("b = 2\n")
+    (extra / "vendored" / "a_copy.py").write_text("a = 1\n")  # the same content as lib/a.py
+    (extra / "c.py").write_text("c = 3\n")
+    (extra / "tests").mkdir()
+    (extra / "tests" / "t.py").write_text("t = 4\n")  # test packages are left out, as in lib
+    corpus = build_stdlib_corpus(root=lib, extra_roots=[extra])
+    assert sorted(map(str, corpus.train + corpus.valid)) == sorted(
+        str(p) for p in (lib / "a.py", lib / "pkg" / "b.py", (extra / "c.py").resolve()))
+    assert corpus.train_bytes + corpus.valid_bytes == 18
+    assert build_stdlib_corpus(root=lib) == build_stdlib_corpus(root=lib, extra_roots=[])

@@ -1,34 +1,24 @@
 """The driver's launch plan without launching: which phases run, where each rank starts, how a
-launch is started, and the demo's terminal pieces (progress line, verdict). No training here."""
+launch is started. No training here."""
 
-import io
-import os
-import re
 from pathlib import Path
 
 import pytest
 
 from nemo_tst.core.plan import run_phases
-from nemo_tst.training.arguments import plan_from_args
-from nemo_tst.training.driver import (
-    launch_command,
-    parse_megatron_args,
-    phase_argv,
-    phase_commands,
-    resolve_phase_start,
-)
+from nemo_tst.recipes.catalog import load_recipe
+from nemo_tst.training.arguments import parse_megatron_args, plan_from_args
+from nemo_tst.training.argv import phase_argv
+from nemo_tst.training.driver import launch_command, phase_commands, resolve_phase_start
 
 N, N1 = 10, 3
 
 
 def argv_for(save: Path, s: int, *extra: str) -> list[str]:
-    return [
-        "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
-        "--seq-length", "32", "--max-position-embeddings", "32", "--micro-batch-size", "2",
-        "--global-batch-size", "4", "--train-iters", str(N), "--lr", "1e-3",
-        "--tokenizer-type", "NullTokenizer", "--vocab-size", "300", "--transformer-impl", "local",
-        "--tst-bag-size", str(s), "--tst-phase1-fraction", "0.3", "--save", str(save), *extra,
-    ]
+    """The `tst_tiny` recipe as a run of N iterations at s saved in `save` (phase 1: r = 0.3)."""
+    recipe = load_recipe("tst_tiny", gpus=1, overrides=[
+        f"training.train_iters={N}", f"tst.bag_size={s}", "tst.phase1_fraction=0.3", f"run_dir={save}"])
+    return [*recipe.megatron_args(), *extra]
 
 
 def checkpoint(directory: Path, iteration: int) -> None:
@@ -103,57 +93,6 @@ LINE = (" [2026-12-01 10:00:00] iteration      {it:>3}/     100 | consumed sampl
         "learning rate: 1.000000E-03 | {key}: {loss:.6E} | loss scale: 1.0 |\n")
 
 
-def test_progress_lines_plain_and_in_place():
-    from nemo_tst.demo import Progress
-
-    plain = io.StringIO()
-    progress = Progress({"baseline": {"phase1_iters": 0}, "tst": {"phase1_iters": 30}}, plain, tty=False, every=0)
-    progress.feed("tst", "training ...\n")
-    progress.feed("tst", LINE.format(it=10, key="tst loss", loss=7.25))
-    progress.feed("tst", " validation loss at iteration 10 | lm loss value: 6.500000E+00 | lm loss PPL: 1.0 |\n")
-    progress.feed("tst", LINE.format(it=40, key="lm loss", loss=5.5))
-    progress.set_status("baseline", "complete (reused)")
-    lines = plain.getvalue().splitlines()
-    assert lines[0].startswith("[demo] tst") and "step    10/100 phase 1 | loss 7.250" in lines[0]
-    assert "step    40/100 phase 2 | loss 5.500 | held-out 6.500 | ETA" in lines[1]
-    assert lines[-1] == "[demo] baseline complete (reused)"
-
-    term = io.StringIO()
-    progress = Progress({"a": {}, "b": {}}, term, tty=True)
-    progress.feed("a", LINE.format(it=1, key="lm loss", loss=8.0))
-    progress.feed("b", LINE.format(it=2, key="lm loss", loss=7.0))
-    progress.note("[demo] a note")
-    text = term.getvalue()
-    assert "\x1b[2F\x1b[J" in text  # the two live lines are redrawn in place, not appended
-    screen = re.sub(r"\x1b\[\d*[A-Z]", "", text.split("\x1b[2F\x1b[J")[-1])  # the last redraw
-    assert screen.splitlines() == ["[demo] a note", "a        step     1/100 | loss 8.000 | ETA ...",
-                                   "b        step     2/100 | loss 7.000 | ETA ..."]
-
-
-def test_verdict_says_which_run_is_better():
-    from nemo_tst.demo import SCALE_VERDICT, verdict
-
-    worse = verdict(3.20, 3.60, None, 1500)
-    assert "TST ends ABOVE the baseline, i.e. worse after 1500 steps" in worse and SCALE_VERDICT in worse
-    better = verdict(3.20, 3.10, 1200, 1500)
-    assert "0.1000 nats BELOW the baseline" in better and "at step 1200 of 1500" in better
-    assert "1.25x fewer steps" in better
-
-
-def test_trainer_lines_for_the_terminal():
-    from nemo_tst.training.logs import is_progress_line, iteration_line
-
-    assert is_progress_line(LINE.format(it=3, key="lm loss", loss=6.0))
-    assert iteration_line(LINE.format(it=3, key="tst loss", loss=6.0)) == (
-        3, 100, {"learning rate": 1e-3, "tst loss": 6.0})
-    assert is_progress_line(" validation loss at iteration 10 | lm loss value: 6.5E+00 |")
-    for noise in ("------------------------ arguments ------------------------",
-                  "  adam_beta1 ...................................... 0.9",
-                  "/x/megatron/core/optimizer/__init__.py:25: UserWarning: Transformer Engine and Apex "
-                  "are not installed.",
-                  "WARNING:megatron.core.models.gpt.gpt_model:GPTModel IS DEPRECATED."):
-        assert not is_progress_line(noise), noise
-    assert os.path.basename(__file__) == "test_driver.py"
 
 
 def test_a_release_checkpoint_is_not_taken_for_a_damaged_one(tmp_path):

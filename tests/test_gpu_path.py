@@ -40,7 +40,7 @@ def _build_gpu_path(rank, world_size, name, argv):
     from nemo_tst import cpu
     from nemo_tst.superposition import TSTGPTModel
     from nemo_tst.training import arguments
-    from nemo_tst.training.driver import parse_megatron_args
+    from nemo_tst.training.arguments import parse_megatron_args
     from nemo_tst.training.pretrain import model_provider
 
     assert "--tst-cpu" not in argv and "--use-cpu-initialization" not in argv, name

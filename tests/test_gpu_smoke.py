@@ -11,8 +11,6 @@ import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -12,9 +12,18 @@ import torch.nn.functional as F
 
 from nemo_tst import cpu
 from tests.distributed import init_megatron_parallel, run_on_ranks
-from tests.test_model import causal_mask, gather_full_grads, phase1_batch, phase1_loss
+from tests.test_model import (
+    BATCH,
+    HIDDEN,
+    L,
+    VOCAB,
+    causal_mask,
+    check_phase1_is_bag_means_through_the_vanilla_model,
+    check_tensor_parallel_2_matches_tp1,
+    phase1_batch,
+    phase1_loss,
+)
 
-VOCAB, HIDDEN, L, BATCH = 96, 32, 8, 2
 PATTERN = "*-*-"  # two GPT layers: attention, MLP, attention, MLP
 
 
@@ -101,29 +110,7 @@ def test_final_norm_stand_in_is_the_configured_norm_with_its_eps(single_rank, no
 
 @pytest.mark.parametrize("s", [2, 4])
 def test_phase1_forward_is_bag_means_through_the_vanilla_model(single_rank, s):
-    """Reference: bag means by hand, fed as decoder_input to the same weights, CE by torch."""
-    from nemo_tst import set_superposition
-
-    model = build()
-    cfg, batch = phase1_batch(s)
-    loss = phase1_loss(model, cfg, batch)
-    loss.backward()
-
-    set_superposition(model, None)
-    weight = model.embedding.word_embeddings.weight
-    ids = batch.input_ids.view(BATCH, L, s)
-    bag_means = torch.stack([weight[ids[:, :, j]] for j in range(s)]).mean(0)  # [b, L, h]
-    logits = model(None, None, causal_mask(L), decoder_input=bag_means.transpose(0, 1))  # [b, L, V]
-    want = torch.stack(
-        [F.cross_entropy(logits.reshape(-1, VOCAB), batch.targets[..., j].reshape(-1)) for j in range(s)]
-    ).mean()
-    torch.testing.assert_close(loss, want, atol=1e-5, rtol=0)
-
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    want.backward()
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(grads[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+    check_phase1_is_bag_means_through_the_vanilla_model(build, s)
 
 
 def test_s1_phase1_and_phase2_equal_vanilla_hybrid_model_bit_for_bit(single_rank):
@@ -218,29 +205,8 @@ def test_checkpoints_name_the_norms_as_megatrons_te_hybrid_layers_do(single_rank
     assert not any("input_layernorm" in k or "pre_mlp_layernorm" in k for k in keys)
 
 
-def _tp2_worker(rank, world_size, s, out_path):
-    init_megatron_parallel(tp=world_size)
-    model = build(tp=world_size)
-    cfg, batch = phase1_batch(s)
-    loss = phase1_loss(model, cfg, batch)
-    loss.backward()
-    grads = gather_full_grads(model, world_size)
-    if rank == 0:
-        torch.save({"loss": loss.detach(), "grads": grads}, out_path)
-
-
 def test_tensor_parallel_2_matches_tp1(single_rank, tmp_path):
-    s = 4
-    run_on_ranks(_tp2_worker, 2, s, str(tmp_path / "tp2.pt"))
-    tp2 = torch.load(tmp_path / "tp2.pt")
-
-    model = build()
-    cfg, batch = phase1_batch(s)
-    loss = phase1_loss(model, cfg, batch)
-    loss.backward()
-    torch.testing.assert_close(tp2["loss"], loss.detach(), atol=1e-5, rtol=0)
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(tp2["grads"][name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+    check_tensor_parallel_2_matches_tp1(build, tmp_path)
 
 
 def global_key(local_key: str, layer_offset: int) -> str:

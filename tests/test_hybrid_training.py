@@ -115,7 +115,7 @@ def test_a_hybrid_model_without_transformer_engine_off_cpu_is_refused(data, tmp_
     import torch
 
     from nemo_tst.training.arguments import check_runtime
-    from nemo_tst.training.driver import parse_megatron_args
+    from nemo_tst.training.arguments import parse_megatron_args
 
     if importlib.util.find_spec("transformer_engine") is not None:
         pytest.skip("Transformer Engine is installed here")
@@ -131,7 +131,7 @@ def test_a_hybrid_model_without_transformer_engine_off_cpu_is_refused(data, tmp_
 
 def test_rope_scaling_which_hybrid_model_lacks_is_refused(data, tmp_path):
     from nemo_tst.training.arguments import check_runtime
-    from nemo_tst.training.driver import parse_megatron_args
+    from nemo_tst.training.arguments import parse_megatron_args
 
     argv = recipe_argv(data, tmp_path / "run") + ["--hybrid-layer-pattern", PATTERN, "--use-rope-scaling"]
     with pytest.raises(ValueError, match="HybridModel has no RoPE scaling"):

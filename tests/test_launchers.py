@@ -131,11 +131,11 @@ def test_quality_benchmark_runs_are_the_preset_recipe():
 
 def test_nemo_run_stages_run_the_recipe():
     """Each NeMo-Run stage runs the recipe's arguments with only the phase's own added
-    (`driver.phase_argv`: --tst-phase, --save/--load, --exit-interval, the handoff)."""
+    (`argv.phase_argv`: --tst-phase, --save/--load, --exit-interval, the handoff)."""
     pytest.importorskip("nemo_run", reason="NeMo-Run is the nemo extra: pip install nemo-tst[nemo]")
     from nemo_tst.recipes import check_recipe
     from nemo_tst.recipes.experiment import phase_tasks
-    from nemo_tst.training.driver import phase_argv
+    from nemo_tst.training.argv import phase_argv
 
     for overrides in (["tst.bag_size=4"], ["tst.bag_size=1"]):
         recipe = load_recipe("tst_llama3_270m", gpus=8, overrides=[

@@ -6,7 +6,7 @@ import logging
 import pytest
 
 from nemo_tst.training.logs import (
-    is_progress_line, parse_training_log, progress_text, quiet_cuda_runtime_notice,
+    is_progress_line, iteration_line, parse_training_log, progress_text, quiet_cuda_runtime_notice,
 )
 
 
@@ -139,3 +139,15 @@ def test_the_cuda_runtime_notice_is_dropped_and_nothing_else():
                       "with", "c++")
     finally:
         cpp_extension_log.filters[:] = saved
+
+
+def test_trainer_lines_for_the_terminal():
+    assert is_progress_line(_line(3, 6.0))
+    assert iteration_line(_line(3, 6.0, key="tst loss")) == (3, 10, {"learning rate": 1e-3, "tst loss": 6.0})
+    assert is_progress_line(" validation loss at iteration 10 | lm loss value: 6.5E+00 |")
+    for noise in ("------------------------ arguments ------------------------",
+                  "  adam_beta1 ...................................... 0.9",
+                  "/x/megatron/core/optimizer/__init__.py:25: UserWarning: Transformer Engine and Apex "
+                  "are not installed.",
+                  "WARNING:megatron.core.models.gpt.gpt_model:GPTModel IS DEPRECATED."):
+        assert not is_progress_line(noise), noise

@@ -60,14 +60,10 @@ def test_a_launch_without_tst_cpu_applies_the_fixes():
     result = _python("""
         import sys
         from nemo_tst.training import pretrain
+        from nemo_tst.recipes.catalog import load_recipe
+        recipe = load_recipe("tst_tiny", overrides=["transformer_impl=local", "data.prefix=/no/corpus"])
         try:
-            pretrain.main(["--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "2",
-                           "--seq-length", "16", "--max-position-embeddings", "16",
-                           "--micro-batch-size", "1", "--train-iters", "4", "--lr", "1e-3",
-                           "--tokenizer-type", "NullTokenizer", "--vocab-size", "64",
-                           "--tst-bag-size", "2", "--tst-phase", "1", "--transformer-impl", "local",
-                           "--no-rope-fusion", "--no-gradient-accumulation-fusion",
-                           "--no-persist-layer-norm"])
+            pretrain.main([*recipe.megatron_args(), "--tst-phase", "1"])
         except ValueError as err:
             print("refused:", err)
         import megatron.core.datasets.utils as utils

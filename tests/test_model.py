@@ -91,15 +91,15 @@ def phase1_loss(model, cfg, batch):
     return total / positions
 
 
-@pytest.mark.parametrize("s", [2, 4])
-def test_phase1_forward_is_bag_means_through_the_vanilla_model(single_rank, s):
-    """Reference: bag means by hand, fed as decoder_input to the same weights, CE by torch."""
+def check_phase1_is_bag_means_through_the_vanilla_model(build, s):
+    """Reference: bag means by hand, fed as decoder_input to the same weights, CE by torch.
+    `build()` makes the TST model (a GPT or a hybrid one)."""
+    from nemo_tst import set_superposition
+
     model = build()
     cfg, batch = phase1_batch(s)
     loss = phase1_loss(model, cfg, batch)
     loss.backward()
-
-    from nemo_tst import set_superposition
 
     set_superposition(model, None)
     weight = model.embedding.word_embeddings.weight
@@ -117,6 +117,11 @@ def test_phase1_forward_is_bag_means_through_the_vanilla_model(single_rank, s):
     want.backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("s", [2, 4])
+def test_phase1_forward_is_bag_means_through_the_vanilla_model(single_rank, s):
+    check_phase1_is_bag_means_through_the_vanilla_model(build, s)
 
 
 @pytest.mark.parametrize("s", [1, 4])
@@ -210,7 +215,7 @@ def gather_full_grads(model, world_size):
     return out
 
 
-def _tp2_worker(rank, world_size, s, out_path):
+def _tp2_worker(rank, world_size, build, s, out_path):
     init_megatron_parallel(tp=world_size)
     model = build(tp=world_size)
     cfg, batch = phase1_batch(s)
@@ -221,10 +226,13 @@ def _tp2_worker(rank, world_size, s, out_path):
         torch.save({"loss": loss.detach(), "grads": grads}, out_path)
 
 
-def test_tensor_parallel_2_matches_tp1(single_rank, tmp_path):
+def check_tensor_parallel_2_matches_tp1(build, out_dir):
+    """Phase 1's loss and every gradient at TP=2 equal those of one rank. `build(tp=...)`
+    makes the TST model (a GPT or a hybrid one); a module-level function, so the spawned ranks
+    can unpickle it."""
     s = 4
-    run_on_ranks(_tp2_worker, 2, s, str(tmp_path / "tp2.pt"))
-    tp2 = torch.load(tmp_path / "tp2.pt")
+    run_on_ranks(_tp2_worker, 2, build, s, str(out_dir / "tp2.pt"))
+    tp2 = torch.load(out_dir / "tp2.pt")
 
     model = build()
     cfg, batch = phase1_batch(s)
@@ -233,6 +241,10 @@ def test_tensor_parallel_2_matches_tp1(single_rank, tmp_path):
     torch.testing.assert_close(tp2["loss"], loss.detach(), atol=1e-5, rtol=0)
     for name, p in model.named_parameters():
         torch.testing.assert_close(tp2["grads"][name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_tensor_parallel_2_matches_tp1(single_rank, tmp_path):
+    check_tensor_parallel_2_matches_tp1(build, tmp_path)
 
 
 def expert_key_for_rank(key, rank, experts_per_rank):

@@ -210,7 +210,7 @@ def test_where_the_job_runs_checks(tmp_path):
         check_recipe(recipe, local=True)
     if importlib.util.find_spec("transformer_engine") is None:
         from nemo_tst.training.arguments import check_runtime
-        from nemo_tst.training.driver import parse_megatron_args
+        from nemo_tst.training.arguments import parse_megatron_args
 
         fp8 = load_recipe("tst_tiny", overrides=["precision=fp8_delayed", "model.seq_length=64"])
         with pytest.raises(ValueError, match="needs Transformer Engine"):

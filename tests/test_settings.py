@@ -25,20 +25,27 @@ def test_every_setting_has_a_non_default_value_here():
 
 
 def _megatron_args(argv):
-    from nemo_tst.training.driver import parse_megatron_args
+    from nemo_tst.training.arguments import parse_megatron_args
 
     return parse_megatron_args(argv)
 
 
 @pytest.mark.parametrize("name", sorted(NON_DEFAULT))
 def test_cli_arguments_carry_every_setting(name):
-    from nemo_tst.training.arguments import settings_argv, settings_from_args
+    """Through `nemo-tst pretrain`'s flags and through the Bridge launcher's."""
+    from nemo_tst.bridge import cli as bridge_cli
+    from nemo_tst.core.settings import settings_argv, settings_from_args
+    from nemo_tst.training.arguments import MEGATRON_NAMES
 
     values = {"bag_size": 3} | {name: NON_DEFAULT[name]}
     if name == "target_weights":
         values["mode"] = "full"
     settings = TSTSettings(**values)
-    assert settings_from_args(_megatron_args(settings_argv(settings))) == settings
+    assert settings_from_args(_megatron_args(settings_argv(settings)), MEGATRON_NAMES) == settings
+    # (Overrides first: a --tst-target-weights list would take the words after it.)
+    launched, overrides = bridge_cli.parse_args(["--recipe", "r", "train.train_iters=9", *settings_argv(settings)])
+    assert settings_from_args(launched, bridge_cli.LAUNCHER_NAMES) == settings
+    assert overrides == ["train.train_iters=9"]
 
 
 @pytest.mark.parametrize("name", sorted(NON_DEFAULT))
@@ -52,9 +59,10 @@ def test_recipes_expose_every_setting(name):
     recipe = load_recipe("tst_tiny", gpus=1, overrides=overrides)
     assert isinstance(recipe.tst, TSTSettings) and getattr(recipe.tst, name) == value
     # ... and what the recipe launches asks for the same settings.
-    from nemo_tst.training.arguments import settings_from_args
+    from nemo_tst.core.settings import settings_from_args
+    from nemo_tst.training.arguments import MEGATRON_NAMES
 
-    assert settings_from_args(_megatron_args(recipe.megatron_args())) == recipe.tst
+    assert settings_from_args(_megatron_args(recipe.megatron_args()), MEGATRON_NAMES) == recipe.tst
 
 
 def test_bridge_and_plan_carry_the_same_type():
@@ -65,9 +73,10 @@ def test_bridge_and_plan_carry_the_same_type():
     settings = TSTSettings(**(NON_DEFAULT | {"phase1_fraction": None}))  # not both: see TSTSettings
     plan = bridge.plan_tst_run(settings, run_dir="/ckpt/x", train_iters=20, global_batch_size=4, seq_length=8)
     assert plan.settings is settings and plan.phase1_iters == 7
-    args = _megatron_args(["--tst-bag-size", "3", "--train-iters", "20", "--global-batch-size", "4",
-                           "--seq-length", "8", "--lr", "1e-3"])
-    assert isinstance(plan_from_args(args).settings, TSTSettings)
+    from nemo_tst.recipes.catalog import load_recipe
+
+    args = _megatron_args(load_recipe("tst_tiny", overrides=["tst.bag_size=3"]).megatron_args())
+    assert isinstance(plan_from_args(args).settings, TSTSettings) and plan_from_args(args).settings.bag_size == 3
 
 
 @pytest.mark.parametrize("values, field, spelled", [
@@ -91,12 +100,13 @@ def test_a_bad_setting_is_named_as_each_integration_spells_it(values, field, spe
 
 
 def test_phase1_length_is_given_one_way():
-    from nemo_tst.training.arguments import MEGATRON_NAMES, settings_from_args
+    from nemo_tst.core.settings import settings_from_args
+    from nemo_tst.training.arguments import MEGATRON_NAMES
 
     assert TSTSettings(bag_size=4).phase1_fraction == 0.3  # the default when neither is given
     with pytest.raises(ValueError, match="--tst-phase1-iters=5 and --tst-phase1-fraction=0.2 both set"):
         settings_from_args(_megatron_args(["--tst-bag-size", "4", "--tst-phase1-iters", "5",
-                                           "--tst-phase1-fraction", "0.2"]))
+                                           "--tst-phase1-fraction", "0.2"]), MEGATRON_NAMES)
     assert MEGATRON_NAMES.phase1_iters == "--tst-phase1-iters"
 
 
@@ -113,6 +123,38 @@ def test_run_identity_holds_every_setting():
             assert identity["phase1_iters"] == 6  # both spell phase 1's length: n1 is what counts
         else:
             assert f"tst_{f.name}" in identity, f"{f.name} is not part of the run's identity"
+
+
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(TSTSettings)])
+def test_every_setting_has_a_flag_a_help_and_a_name_in_each_integration(name):
+    """The `--tst-*` flags (with their help) and each integration's names for the settings are
+    read from `TSTSettings`' fields: a new field is on every surface, or this fails (the round
+    trip through the flags and the run identity are checked above)."""
+    import argparse
+
+    from nemo_tst.bridge import BRIDGE_NAMES
+    from nemo_tst.recipes.catalog import RECIPE_NAMES
+    from nemo_tst.core.settings import setting_flag
+    from nemo_tst.training.arguments import MEGATRON_NAMES, add_tst_arguments
+
+    setting = next(f for f in dataclasses.fields(TSTSettings) if f.name == name)
+    flag = "--tst-" + name.replace("_", "-")
+    assert setting_flag(name) == MEGATRON_NAMES.spell(name) == getattr(MEGATRON_NAMES, name) == flag
+    assert BRIDGE_NAMES.spell(name) == f"TSTSettings.{name}" and RECIPE_NAMES[name] == f"tst.{name}"
+    help_text = setting.metadata["help"].format_map(MEGATRON_NAMES.settings_named())
+    assert len(help_text) > 20 and "{" not in help_text
+    option = add_tst_arguments(argparse.ArgumentParser())._option_string_actions[flag]
+    assert option.help == help_text and option.dest == flag[2:].replace("-", "_")
+
+
+def test_only_settings_are_spelled_as_settings():
+    from nemo_tst.training.arguments import MEGATRON_NAMES
+
+    with pytest.raises(KeyError, match="'bag_sise' is not a TST setting"):
+        MEGATRON_NAMES.spell("bag_sise")
+    with pytest.raises(AttributeError):
+        MEGATRON_NAMES.bag_sise  # noqa: B018
+    assert MEGATRON_NAMES.train_iters == "--train-iters"  # the trainer's own settings, as given
 
 
 def test_settings_are_frozen():

@@ -20,26 +20,33 @@ N, N1, SAVE_INTERVAL = 10, 3, 2  # --train-iters, phase-1 iterations (r = 0.3), 
 LR, MIN_LR, WARMUP, DECAY = 3e-3, 3e-4, 2, 2
 
 
+def wsd_learning_rate(it: int) -> float:
+    """The LR of iteration `it` (from 1) in one WSD schedule over both phases of these runs:
+    linear warm-up over WARMUP, flat through the handoff, linear decay over the last DECAY."""
+    if it <= WARMUP:
+        return LR * it / WARMUP
+    if it <= N - DECAY:
+        return LR
+    return MIN_LR + (LR - MIN_LR) * (1 - (it - (N - DECAY)) / DECAY)
+
+
 def tiny_args(data: dict) -> list[str]:
-    args = [
-        "--num-layers", 2, "--hidden-size", 64, "--num-attention-heads", 4, "--ffn-hidden-size", 128,
-        "--seq-length", 32, "--max-position-embeddings", 32, "--position-embedding-type", "rope",
-        "--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear",
-        "--untie-embeddings-and-output-weights", "--micro-batch-size", 2, "--global-batch-size", 4,
-        "--train-iters", N, "--lr", LR, "--min-lr", MIN_LR, "--lr-decay-style", "WSD",
-        "--lr-wsd-decay-style", "linear", "--lr-wsd-decay-iters", DECAY, "--lr-warmup-iters", WARMUP,
-        "--weight-decay", 0.0, "--clip-grad", 1.0, "--seed", 1234,
-        "--tokenizer-type", "NullTokenizer", "--vocab-size", data["vocab_size"],
-        "--train-data-path", data["train_prefix"], "--valid-data-path", data["valid_prefix"],
-        "--test-data-path", data["valid_prefix"], "--eval-iters", 1, "--eval-interval", 5,
-        "--log-interval", 1, "--save-interval", SAVE_INTERVAL, "--ckpt-format", "torch_dist",
-        "--distributed-backend", "gloo", "--transformer-impl", "local", "--use-cpu-initialization",
-        "--no-persist-layer-norm", "--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion",
-        "--no-bias-gelu-fusion", "--no-bias-dropout-fusion", "--no-rope-fusion", "--num-workers", 0,
-        "--attention-dropout", 0.0, "--hidden-dropout", 0.0, "--tst-cpu",
-        "--tst-tokenizer", data["tokenizer"], "--tst-bag-size", 4, "--tst-phase1-fraction", 0.3,
-    ]
-    return [str(a) for a in args]
+    """The `tst_tiny` recipe on CPU for this data: N iterations at s = 4, phase 1 the first N1,
+    one WSD schedule (warm-up WARMUP, annealing over the last DECAY), a loss line each step."""
+    from nemo_tst.recipes.catalog import load_recipe
+
+    recipe = load_recipe("tst_tiny", gpus=1, overrides=[
+        "cpu=true", f"data.prefix={data['train_prefix'].removesuffix('_train')}",
+        f"data.tokenizer={data['tokenizer']}", f"model.vocab_size={data['vocab_size']}",
+        "model.ffn_hidden_size=128", "model.seq_length=32", "parallel.micro_batch_size=2",
+        "training.global_batch_size=4", f"training.train_iters={N}", f"training.lr={LR}",
+        f"training.min_lr={MIN_LR}", f"training.warmup_iters={WARMUP}",
+        f"training.decay_fraction={DECAY / N}",
+        "training.weight_decay=0.0", "training.eval_iters=1", "training.eval_interval=5",
+        "training.log_interval=1", f"training.save_interval={SAVE_INTERVAL}", "tst.bag_size=4",
+        f"tst.phase1_fraction={N1 / N}",
+    ])
+    return [*recipe.megatron_args(), "--test-data-path", data["valid_prefix"]]
 
 
 def pretrain_cmd(save: Path, argv: list[str], nproc: int = 1) -> list[str]:
@@ -103,15 +110,8 @@ def test_phase2_resumes_phase1_state_with_one_schedule(reference):
     assert re.search(rf"successfully loaded checkpoint from \S*/phase1 .* at iteration {N1}\b", text)
     assert "not loading optimizer" not in text.lower()
     # One WSD schedule over both phases: warm-up, flat through the handoff, linear decay at the end.
-    def wsd(it):
-        if it <= WARMUP:
-            return LR * it / WARMUP
-        if it <= N - DECAY:
-            return LR
-        return MIN_LR + (LR - MIN_LR) * (1 - (it - (N - DECAY)) / DECAY)
-
     assert [log.train[it]["learning rate"] for it in range(1, N + 1)] == pytest.approx(
-        [wsd(it) for it in range(1, N + 1)], rel=1e-6
+        [wsd_learning_rate(it) for it in range(1, N + 1)], rel=1e-6
     )
     # Text flows s times faster in phase 1: 4 * 32 tokens per sample vs 32.
     assert log.text_tokens[N1] == N1 * 4 * 4 * 32
@@ -401,7 +401,7 @@ def test_damaged_latest_checkpoint_is_found_and_an_earlier_one_chosen(reference,
     touching anything until the run goes ahead."""
     from nemo_tst.core import run_dir
     from nemo_tst.training.arguments import MEGATRON_NAMES, plan_from_args
-    from nemo_tst.training.driver import parse_megatron_args
+    from nemo_tst.training.arguments import parse_megatron_args
 
     save = _stopped_copy(reference, tmp_path, phase2_upto=None if phase == 1 else 6)
     latest = save / f"phase{phase}" / f"iter_{(N1 if phase == 1 else 6):07d}"

@@ -42,13 +42,7 @@ _MISSING_BRIDGE = (
 )
 
 BRIDGE_NAMES = SettingNames(
-    bag_size="TSTSettings.bag_size",
-    phase1_fraction="TSTSettings.phase1_fraction",
-    phase1_iters="TSTSettings.phase1_iters",
-    mode="TSTSettings.mode",
-    weighting="TSTSettings.weighting",
-    target_weights="TSTSettings.target_weights",
-    mask_cross_document_targets="TSTSettings.mask_cross_document_targets",
+    setting="TSTSettings.{name}",
     train_iters="cfg.train.train_iters",
     seq_length="cfg.model.seq_length",
     tensor_parallel="cfg.model.tensor_model_parallel_size",

@@ -14,21 +14,28 @@ forward step from a fixed table, so it cannot run TST. This launcher takes the s
    Bridge's `process_config_with_overrides` (as run_recipe.py does), before anything else.
 3. `--tst-cpu` (tests, CPU demos): patches Megatron and Bridge for CPU (`nemo_tst.cpu`) and
    sets the container's CPU settings (gloo, local layers).
-4. The TST settings (`--tst-*`) then derive the phase containers (`tst_phase_configs`), and
+4. The TST settings (`--tst-*`, one flag per `TSTSettings` field, as `nemo-tst pretrain` takes
+   them) then derive the phase containers (`tst_phase_configs`), and
    `tst_pretrain` runs the next unfinished phase: run the same command once per phase.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import sys
 from typing import Optional, Sequence
 
-from nemo_tst.core.settings import TSTSettings
+from nemo_tst.bridge.checks import BRIDGE_NAMES
+from nemo_tst.core.settings import SETTING_FLAG, add_setting_arguments, settings_from_args
 from nemo_tst.errors import run_command, user_paths
 
-__all__ = ["load_recipe", "main", "parse_args"]
+__all__ = ["LAUNCHER_NAMES", "load_recipe", "main", "parse_args"]
+
+LAUNCHER_NAMES = dataclasses.replace(BRIDGE_NAMES, setting=SETTING_FLAG)
+"""What this launcher's user wrote: a `--tst-*` flag for each TST setting, the recipe's
+override keys for the rest."""
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace, list[str]]:
@@ -39,11 +46,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace
     )
     p.add_argument("--recipe", required=True,
                    help="A megatron.bridge.recipes function name, or module.path:function.")
-    p.add_argument("--tst-bag-size", type=int, required=True, help="s: tokens per bag.")
-    p.add_argument("--tst-phase1-fraction", type=float, default=None,
-                   help="r: phase 1's share of cfg.train.train_iters.")
-    p.add_argument("--tst-phase1-iters", type=int, default=None,
-                   help="n1, instead of --tst-phase1-fraction.")
+    add_setting_arguments(p.add_argument_group("TST settings (cfg.train.train_iters is N)"), LAUNCHER_NAMES)
     p.add_argument("--tst-phase", default="next", choices=["next", "1", "2"],
                    help="Which phase this launch runs (default: the next unfinished one).")
     p.add_argument("--tst-run-dir", default=None,
@@ -72,18 +75,9 @@ def load_recipe(name: str):
     return fn
 
 
-def _tst_settings(args: argparse.Namespace) -> TSTSettings:
-    kw = dict(bag_size=args.tst_bag_size)
-    if args.tst_phase1_fraction is not None:
-        kw["phase1_fraction"] = args.tst_phase1_fraction
-    if args.tst_phase1_iters is not None:
-        kw["phase1_iters"] = args.tst_phase1_iters
-    return TSTSettings(**kw)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> Optional[int]:
     args, overrides = parse_args(argv)
-    tst = _tst_settings(args)  # settings errors before anything heavy is imported
+    tst = settings_from_args(args, LAUNCHER_NAMES)  # settings errors before anything heavy is imported
     if args.tst_cpu:
         from nemo_tst import cpu
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from functools import partial
 
 from nemo_tst.bridge.checks import check_phase_iteration, require_bridge
-from nemo_tst.core.context_parallel import split_for_context_parallel
 from nemo_tst.core.data import batch_device
-from nemo_tst.core.loss import check_finite_loss, phase1_loss_terms, phase1_target_weights
+from nemo_tst.core.loss import check_finite_loss, phase1_loss_terms
+from nemo_tst.core.step import phase1_forward
 
 __all__ = ["tst_forward_step"]
 
@@ -54,7 +54,7 @@ def tst_forward_step(state: "GlobalState", data_iterator, model, return_schedule
         is_vp_last_stage,
     )
 
-    from nemo_tst.superposition import make_superposition_batch, set_superposition, tst_module
+    from nemo_tst.superposition import set_superposition, tst_module
 
     provider = _tst_provider(state.cfg)
     plan = provider.plan
@@ -103,34 +103,20 @@ def tst_forward_step(state: "GlobalState", data_iterator, model, return_schedule
     device = batch_device(model)
     text = batch["text"].to(device=device, dtype=torch.int64, non_blocking=True)
     loss_mask = batch["loss_mask"].to(device=device, dtype=torch.float32, non_blocking=True)
-    tst = make_superposition_batch(text, config, loss_mask=loss_mask, eod_id=eod_id)
     timers("batch-generator").stop()
-    # FLOPs: the transformer runs on L latent positions.
-    accumulate_flops_metadata(state, tst.position_ids, vp_stage=vp_stage, config_seq_len=plan.seq_length)
+    # FLOPs: the transformer runs on L latent positions (Bridge reads the micro-batch size off
+    # the tensor's first dimension and the length from config_seq_len).
+    accumulate_flops_metadata(state, text, vp_stage=vp_stage, config_seq_len=plan.seq_length)
 
-    inputs = split_for_context_parallel(
-        {
-            "input_ids": tst.input_ids,
-            "position_ids": tst.position_ids,
-            "targets": tst.targets,
-            "target_mask": tst.target_mask,
-        },
-        pg_collection.cp.rank(),
-        pg_collection.cp.size(),
+    output, target_mask, weights = phase1_forward(
+        model, text, loss_mask, config, eod_id=eod_id,
+        cp_rank=pg_collection.cp.rank(), cp_size=pg_collection.cp.size(),
+        forward_context=state.straggler_timer,
     )
-    set_superposition(model, config)
-    with state.straggler_timer:
-        output = model(
-            input_ids=inputs["input_ids"],
-            position_ids=inputs["position_ids"],
-            attention_mask=None,
-            labels=inputs["targets"],
-        )
-    weights = phase1_target_weights(config.weights(), inputs["target_mask"].device)
     rerun_cfg = state.cfg.rerun_state_machine
     loss_func = partial(
         phase1_loss_func,
-        inputs["target_mask"],
+        target_mask,
         weights,
         check_for_nan_in_loss=rerun_cfg.check_for_nan_in_loss,
         spiky_loss_factor=getattr(rerun_cfg, "spiky_loss_factor", 10.0) if rerun_cfg.check_for_spiky_loss else None,

@@ -6,6 +6,7 @@
                      and the device a rank's batch lives on
     loss             both phases' losses in the trainers' contract, the non-finite check
     context_parallel the zig-zag split of latent positions
+    step             the phase-1 forward of one micro-batch, both adapters' forward steps
     run_dir          a run directory: which phase, which iteration, load from where
 
 Imports torch and megatron.core only, never megatron.training or Megatron-Bridge: the

@@ -13,6 +13,7 @@ from nemo_tst.data.corpus import (
     iter_documents,
     iter_texts,
     read_text,
+    site_packages_roots,
     stdlib_root,
 )
 from nemo_tst.data.preprocess import PreprocessResult, Progress, SplitStats, preprocess
@@ -33,6 +34,7 @@ __all__ = [
     "iter_texts",
     "preprocess",
     "read_text",
+    "site_packages_roots",
     "stdlib_root",
     "train_bpe",
 ]

@@ -15,6 +15,9 @@ Design choices:
     other files come and go), independent of `max_bytes`, and disjoint by construction.
   * `max_bytes` (a CI-size demo) keeps a hash-ordered, i.e. spread-over-packages, subset of each
     split within its share of the budget, never fewer than one file per split.
+  * `extra_roots` widens the corpus beyond the stdlib (the quality benchmark adds the
+    site-packages directories, `site_packages_roots`). Installed packages vendor copies of each
+    other's files, so a file from an extra root whose content was already seen is left out.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import site
 import sys
 import sysconfig
 from dataclasses import dataclass
@@ -147,14 +151,28 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
+def site_packages_roots() -> list[Path]:
+    """Every site-packages / dist-packages directory of this interpreter, once each."""
+    candidates = [*site.getsitepackages()]
+    candidates += [p for p in sys.path if p.rstrip("/").endswith(("site-packages", "dist-packages"))]
+    roots, seen = [], {os.path.realpath(stdlib_root())}
+    for candidate in candidates:
+        real = os.path.realpath(candidate)
+        if os.path.isdir(real) and real not in seen:
+            seen.add(real)
+            roots.append(Path(real))
+    return roots
+
+
 def _unit_hash(*parts: object) -> float:
     """A stable number in [0, 1) (Python's `hash` is salted per process)."""
     digest = hashlib.sha256(":".join(map(str, parts)).encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def _stdlib_files(root: Path, include_tests: bool) -> dict[str, int]:
-    """Relative posix path -> size of every non-empty UTF-8 `*.py` file under `root`."""
+def _stdlib_files(root: Path, include_tests: bool, seen: set | None = None) -> dict[str, int]:
+    """Relative posix path -> size of every non-empty UTF-8 `*.py` file under `root`. With
+    `seen` (content digests, updated), a file whose content is in it is left out."""
     skipped = SKIPPED_DIRS | (frozenset() if include_tests else TEST_DIRS)
     files = {}
     for directory, dirnames, filenames in os.walk(root):
@@ -168,8 +186,14 @@ def _stdlib_files(root: Path, include_tests: bool) -> dict[str, int]:
                 data.decode("utf-8")
             except UnicodeDecodeError:
                 continue
-            if data:
-                files[path.relative_to(root).as_posix()] = len(data)
+            if not data:
+                continue
+            if seen is not None:
+                digest = hashlib.sha1(data).digest()
+                if digest in seen:
+                    continue
+                seen.add(digest)
+            files[path.relative_to(root).as_posix()] = len(data)
     return files
 
 
@@ -191,6 +215,7 @@ def build_stdlib_corpus(
     include_tests: bool = False,
     seed: int = 0,
     root: PathLike | None = None,
+    extra_roots: Sequence[PathLike] = (),
 ) -> CorpusFiles:
     """Split the stdlib's `*.py` files into train/validation file lists.
 
@@ -202,6 +227,8 @@ def build_stdlib_corpus(
         include_tests: also take the stdlib's own test packages (~20 MB more).
         seed: salts the split and the capped selection.
         root: the library directory; defaults to `stdlib_root()` (tests pass a small tree).
+        extra_roots: more library directories (e.g. `site_packages_roots()`); their files
+            are named by absolute path, and left out where their content is already taken.
     """
     if not 0.0 < valid_fraction < 1.0:
         raise ValueError(f"valid_fraction: {valid_fraction} must be in (0, 1).")
@@ -209,6 +236,12 @@ def build_stdlib_corpus(
         raise ValueError(f"max_bytes: {max_bytes} must be positive, or None for no cap.")
     root = Path(root) if root is not None else stdlib_root()
     sizes = _stdlib_files(root, include_tests)
+    if extra_roots:
+        seen = {hashlib.sha1((root / name).read_bytes()).digest() for name in sizes}
+        for extra in extra_roots:
+            extra = Path(extra).resolve()
+            sizes |= {(extra / name).as_posix(): size
+                      for name, size in _stdlib_files(extra, include_tests, seen).items()}
     if len(sizes) < 2:
         raise ValueError(
             f"root: {str(root)!r} holds {len(sizes)} non-empty UTF-8 *.py files, fewer than the "

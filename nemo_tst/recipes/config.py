@@ -10,7 +10,7 @@ The recipes of the paper's scales are YAML files in `conf/recipes/` (loaded by
 from dataclasses import dataclass, field
 from typing import Optional
 
-from nemo_tst.core.settings import TSTSettings
+from nemo_tst.core.settings import TSTSettings, settings_argv
 
 __all__ = [
     "LOCAL_LAYERS_ARGS", "DataPaths", "ModelShape", "ParallelLayout", "Precision", "TSTRecipe", "TSTSettings",
@@ -260,8 +260,6 @@ class TSTRecipe:
     """More Megatron-LM arguments, appended last."""
 
     def megatron_args(self) -> list[str]:
-        from nemo_tst.training.arguments import settings_argv
-
         args = [
             *self.model.megatron_args(), *self.training.megatron_args(),
             *self.parallel.megatron_args(self.model.num_layers), *settings_argv(self.tst),

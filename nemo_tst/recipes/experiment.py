@@ -7,7 +7,7 @@ Stage 1 runs phase 1 (superposition) and stage 2 runs phase 2 (recovery); stage 
 stage 1, which Slurm turns into `--dependency=afterok:<phase-1 job>` and the local and Docker
 executors into running them in order. Each stage is `torchrun ... -m
 nemo_tst.training.pretrain <recipe's Megatron arguments> --tst-phase k` on every node; the
-arguments of both stages are fixed at submission (`driver.phase_argv`), each rank works out at
+arguments of both stages are fixed at submission (`nemo_tst.training.argv.phase_argv`), each rank works out at
 start where its phase resumes (`nemo_tst.core.run_dir`), and a stage whose phase is already
 complete exits at once, so resubmitting the same experiment resumes the run. A recipe with
 `tst.bag_size=1` (a baseline) has no superposition phase: one stage, phase 2, trains all N
@@ -43,7 +43,7 @@ PHASE_ENV = {"CUDA_DEVICE_MAX_CONNECTIONS": "1", "PYTHONUNBUFFERED": "1"}
 def phase_tasks(recipe: TSTRecipe, plan: TSTPlan) -> list[tuple[int, run.Script]]:
     """[(1, phase-1 script), (2, phase-2 script)]: each rank's command for each phase (only
     phase 2, the whole run, at s = 1); `plan` is what `check_recipe(recipe, ...)` returned."""
-    from nemo_tst.training.driver import phase_argv
+    from nemo_tst.training.argv import phase_argv
 
     if not recipe.run_dir:
         raise ValueError("recipe.run_dir is not set: recipe.run_dir=/path/to/checkpoints")

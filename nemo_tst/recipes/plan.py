@@ -31,8 +31,8 @@ def check_recipe(recipe: TSTRecipe, *, local: bool):
     checked where the job runs: data and tokenizer on disk, Transformer Engine for FP8, the
     GPU generation for MXFP8, and the run directory (the same checks as `nemo-tst pretrain`).
     Returns (Megatron args namespace, TSTPlan). Raises ValueError naming the fix."""
-    from nemo_tst.training.arguments import check_with_megatron, plan_from_args
-    from nemo_tst.training.driver import check_before_launch, check_parallel_layout, parse_megatron_args
+    from nemo_tst.training.arguments import check_with_megatron, parse_megatron_args, plan_from_args
+    from nemo_tst.training.driver import check_before_launch, check_parallel_layout
 
     if recipe.parallel.num_gpus < 1:
         raise ValueError(f"parallel.num_gpus={recipe.parallel.num_gpus} must be at least 1")

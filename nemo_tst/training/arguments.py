@@ -15,45 +15,29 @@ adds what only Megatron-LM's arguments can get wrong, and names settings as flag
 """
 
 import argparse
-import contextlib
 import math
 import os
+import threading
+import types
 from pathlib import Path
 from typing import Optional
 
 from nemo_tst.core.plan import TSTPlan, check_plan
-from nemo_tst.core.settings import SettingError, SettingNames, TSTSettings
-from nemo_tst.superposition.config import MODES, WEIGHTINGS
+from nemo_tst.core.settings import SETTING_FLAG, SettingNames, add_setting_arguments, settings_from_args
 
 __all__ = [
     "MEGATRON_NAMES", "PHASES", "add_tst_arguments", "check_runtime", "check_unsupported_arguments",
-    "check_with_megatron", "help_text", "import_problem",
-    "plan_from_args",
-    "settings_argv", "settings_from_args",
+    "check_with_megatron", "help_text", "import_problem", "parse_megatron_args", "plan_from_args",
 ]
 
 PHASES = ("both", "1", "2")
 
 
 def add_tst_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Megatron `extra_args_provider`: adds the TST group to Megatron-LM's parser."""
+    """Megatron `extra_args_provider`: adds the TST group to Megatron-LM's parser: a flag for
+    each `TSTSettings` field, then the launch options that are not settings of the run."""
     group = parser.add_argument_group("token-superposition training")
-    group.add_argument("--tst-bag-size", type=int, default=None,
-                       help="s: tokens averaged into one latent position in phase 1 "
-                            "(paper: 6 dense, 16 MoE). Required.")
-    group.add_argument("--tst-phase1-fraction", type=float, default=None,
-                       help="r: fraction of --train-iters spent in phase 1 (paper: 0.2-0.4); "
-                            "default 0.3.")
-    group.add_argument("--tst-phase1-iters", type=int, default=None,
-                       help="Phase-1 iterations, instead of --tst-phase1-fraction (not both).")
-    group.add_argument("--tst-mode", choices=MODES, default="full",
-                       help="full TST, or the paper's input-only / output-only ablations.")
-    group.add_argument("--tst-weighting", choices=WEIGHTINGS, default="uniform",
-                       help="How the s targets of a latent position share its loss.")
-    group.add_argument("--tst-target-weights", type=float, nargs="+", default=None,
-                       help="Explicit per-target weights (normalised to sum 1).")
-    group.add_argument("--tst-mask-cross-document-targets", action="store_true",
-                       help="Mask targets in a later document than the bag's last token.")
+    add_setting_arguments(group, MEGATRON_NAMES)
     group.add_argument("--tst-phase", choices=PHASES, default="both",
                        help="Run both phases, or only phase 1 / phase 2 (chained jobs).")
     group.add_argument("--tst-phase1-checkpoint", type=str, default=None,
@@ -76,13 +60,7 @@ def add_tst_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
 
 
 MEGATRON_NAMES = SettingNames(
-    bag_size="--tst-bag-size",
-    phase1_fraction="--tst-phase1-fraction",
-    phase1_iters="--tst-phase1-iters",
-    mode="--tst-mode",
-    weighting="--tst-weighting",
-    target_weights="--tst-target-weights",
-    mask_cross_document_targets="--tst-mask-cross-document-targets",
+    setting=SETTING_FLAG,
     train_iters="--train-iters",
     seq_length="--seq-length",
     tensor_parallel="--tensor-model-parallel-size",
@@ -95,45 +73,12 @@ MEGATRON_NAMES = SettingNames(
 )
 
 
-def settings_from_args(args: argparse.Namespace) -> TSTSettings:
-    """The `TSTSettings` the `--tst-*` arguments ask for; a bad value names its flag."""
-    if args.tst_bag_size is None:
-        raise ValueError("--tst-bag-size is required (s, e.g. 4; s=1 is ordinary training)")
-    try:
-        return TSTSettings(
-            bag_size=args.tst_bag_size,
-            phase1_fraction=args.tst_phase1_fraction,
-            phase1_iters=args.tst_phase1_iters,
-            mode=args.tst_mode,
-            weighting=args.tst_weighting,
-            target_weights=args.tst_target_weights,
-            mask_cross_document_targets=args.tst_mask_cross_document_targets,
-        )
-    except SettingError as err:
-        raise ValueError(err.named(MEGATRON_NAMES)) from None
-
-
-def settings_argv(settings: TSTSettings) -> list[str]:
-    """The `--tst-*` arguments that ask for `settings` (`settings_from_args` reads them back)."""
-    argv = ["--tst-bag-size", settings.bag_size, "--tst-mode", settings.mode,
-            "--tst-weighting", settings.weighting]
-    if settings.phase1_iters is not None:
-        argv += ["--tst-phase1-iters", settings.phase1_iters]
-    else:
-        argv += ["--tst-phase1-fraction", settings.phase1_fraction]  # set: see TSTSettings
-    if settings.target_weights is not None:
-        argv += ["--tst-target-weights", *settings.target_weights]
-    if settings.mask_cross_document_targets:
-        argv += ["--tst-mask-cross-document-targets"]
-    return [str(a) for a in argv]
-
-
 def plan_from_args(args: argparse.Namespace) -> TSTPlan:
     """Validate the TST arguments against Megatron's and return the plan.
 
     Raises ValueError naming the setting and the fix, before any model or data is built.
     """
-    settings = settings_from_args(args)
+    settings = settings_from_args(args, MEGATRON_NAMES)
     check_unsupported_arguments(args)
     if not args.train_iters:
         raise ValueError(
@@ -406,27 +351,37 @@ def check_with_megatron(args: argparse.Namespace, world_size: int) -> None:
     zero micro-batch, ...) is refused now, with the rule Megatron checks. Its notices go
     nowhere. Without CUDA on this machine (the job may run elsewhere), the questions validation
     asks of the GPU are left to the ranks: its architecture is answered "none" (0), and the
-    grouped-GEMM compute-capability check is skipped."""
+    grouped-GEMM compute-capability check is skipped.
+
+    Nothing of the process changes, so runs can be checked from several threads at once (the
+    demo checks its two side by side): validation runs as a private copy of Megatron's
+    functions (`_private_copy`) whose `os.environ` is the environment the driver's launches
+    give every rank, whose prints and warnings are dropped, and whose GPU questions are
+    answered as above; `--deterministic-mode`'s checks run the same way, without turning on
+    torch's deterministic algorithms in this process."""
     import copy
-    import io
     import traceback
-    import warnings
 
     import torch
-    from megatron.training import arguments as megatron_arguments
 
+    megatron = _megatron_arguments()
     trial = copy.deepcopy(args)
     trial.rank, trial.world_size = 0, world_size
-    stub = contextlib.nullcontext()
     if not torch.cuda.is_available():
-        stub = _replaced(megatron_arguments, "get_device_arch_version", lambda: 0)
         trial.moe_grouped_gemm = False  # its check reads the GPU's compute capability
     # What the driver's launches set for every rank (Megatron checks it under TP or CP).
-    environment = _replaced(os, "environ", dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1"))
+    rank_os = _os_with_environment(dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1"))
+    arch = megatron.get_device_arch_version if torch.cuda.is_available() else (lambda: 0)
+    silent = {name: _discard for name in ("print", "print_rank_0", "warn_rank_0", "_print_args")}
+    validate = _private_copy(megatron, os=rank_os, get_device_arch_version=arch, **silent)["validate_args"]
     try:
-        with stub, environment, contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            megatron_arguments.validate_args(trial, {})
+        if trial.deterministic_mode:
+            from megatron.training import determinism
+
+            no_global_switch = types.SimpleNamespace(use_deterministic_algorithms=_discard)
+            _private_copy(determinism, os=rank_os, torch=no_global_switch)["apply_determinism_to_args"](trial)
+            trial.deterministic_mode = False  # checked just now; validate_args would redo it globally
+        validate(trial, {})
     except (AssertionError, ValueError, TypeError, RuntimeError) as err:
         frames = traceback.extract_tb(err.__traceback__)
         rule = str(err).strip() or (frames[-1].line or "").strip().removeprefix("assert ")
@@ -437,14 +392,91 @@ def check_with_megatron(args: argparse.Namespace, world_size: int) -> None:
         ) from None
 
 
-@contextlib.contextmanager
-def _replaced(module, name: str, value):
-    saved = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, saved)
+def _discard(*args, **kwargs) -> None:
+    return None
+
+
+def _os_with_environment(environment: dict) -> types.ModuleType:
+    """The `os` module as code sees it through a namespace of its own: the same functions, with
+    `environment` as `os.environ` and `os.getenv`'s source."""
+    view = types.ModuleType("os")
+    view.__dict__.update(vars(os))
+    view.environ, view.getenv = environment, environment.get
+    return view
+
+
+def _private_copy(module: types.ModuleType, **overrides) -> dict:
+    """`module`'s namespace with `overrides`, and every function the module defines rebound to
+    that namespace: a function called from it finds the overrides (`print`, `os`, ...) where it
+    looks up its globals, in itself and in the module's functions it calls, while the module
+    and every other caller of it are untouched."""
+    namespace = dict(vars(module), **overrides)
+    for name, value in vars(module).items():
+        own = isinstance(value, types.FunctionType) and value.__module__ == module.__name__
+        if own and name not in overrides:
+            rebound = types.FunctionType(value.__code__, namespace, value.__name__, value.__defaults__,
+                                         value.__closure__)
+            rebound.__kwdefaults__ = value.__kwdefaults__
+            namespace[name] = rebound
+    return namespace
+
+
+class _MegatronParser(argparse.ArgumentParser):
+    """Megatron-LM's parser as `nemo-tst pretrain` reads it: a bad argument raises a one-line
+    `UsageError` (not Megatron's 4,000-line usage text and an exit), from this parser alone."""
+
+    def error(self, message):
+        from nemo_tst.errors import UsageError
+
+        raise UsageError(f"{message} (nemo-tst pretrain --help lists the --tst-* arguments, "
+                         "--megatron-help Megatron-LM's)")
+
+
+def parse_megatron_args(argv: list[str]) -> argparse.Namespace:
+    """Megatron-LM's arguments plus the TST group, parsed from `argv` as each rank will parse
+    them (`megatron.training.arguments.parse_args`), without Megatron's validation and without
+    touching the process: the parser is this call's own (no `sys.argv`, no process-wide error
+    handler), so several threads can parse at once (the demo plans its runs side by side)."""
+    megatron = _megatron_arguments()
+    parser = _MegatronParser(description="Megatron-LM Arguments", allow_abbrev=False)
+    megatron.add_megatron_arguments(parser)
+    add_tst_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.yaml_cfg is not None:
+        parser.error("--yaml-cfg replaces every argument, the --tst-* ones included; give the "
+                     "arguments on the command line")
+    # What Megatron's parse_args adds after parsing. (Its --enable-msc switch is a process-wide
+    # feature flag; each rank sets it for itself, and nothing here reads through it.)
+    args._is_global_batch_size_explicitly_specified = args.global_batch_size is not None
+    args.rank = int(os.environ.get("RANK", "0"))
+    args.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    return args
+
+
+_MEGATRON_IMPORT = threading.Lock()
+_megatron_module = None
+
+
+def _megatron_arguments() -> types.ModuleType:
+    """`megatron.training.arguments`, imported quietly the first time.
+
+    Importing Megatron's trainer imports optional packages that warn as they load (NVIDIA
+    Model Optimizer's version notices and deprecations, say); that stays off the launcher's
+    terminal (each rank's copy goes to the run's log). Warning filters are process-wide, so
+    the one import that silences them runs under a lock; after it, nothing here touches them."""
+    global _megatron_module
+    with _MEGATRON_IMPORT:
+        if _megatron_module is None:
+            import warnings
+
+            from nemo_tst.training.logs import quiet_cuda_runtime_notice
+
+            quiet_cuda_runtime_notice()  # before megatron.core is imported (see its docstring)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                from megatron.training import arguments
+            _megatron_module = arguments
+    return _megatron_module
 
 
 def _as_flags(text: str) -> str:

@@ -16,14 +16,12 @@ run too): through torchrun for several processes, directly with torchrun's envir
 (RANK, WORLD_SIZE, MASTER_ADDR, ...) for one, which saves torchrun's own start-up.
 """
 
-import argparse
 import logging
 import os
 import re
 import subprocess
 import sys
 import threading
-import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -38,16 +36,16 @@ from nemo_tst.core.run_dir import latest_iteration
 from nemo_tst.errors import RunFailed
 from nemo_tst.training.arguments import (
     MEGATRON_NAMES,
-    add_tst_arguments,
     check_runtime,
     check_with_megatron,
+    parse_megatron_args,
     plan_from_args,
 )
+from nemo_tst.training.argv import phase_argv, with_data_tokenizer
 
 __all__ = [
     "check_before_launch", "check_corpus_budget", "claim_run_directory", "count_tokens",
-    "last_value", "parse_megatron_args", "phase_argv", "phase_commands", "resolve_phase_start",
-    "run", "without_options",
+    "phase_commands", "resolve_phase_start", "run",
 ]
 
 logger = logging.getLogger(__name__)
@@ -65,34 +63,6 @@ NO_PHASE1_AT_S1 = ("--tst-phase 1 with --tst-bag-size 1: there is no superpositi
                    "to do; the whole run is one launch (--tst-phase 2 or both)")
 """What the driver and each rank say when asked for phase 1 of a baseline (s = 1)."""
 
-_ARGV_LOCK = threading.Lock()  # Megatron's parser reads sys.argv: one parse at a time
-
-
-def parse_megatron_args(argv: list[str]) -> argparse.Namespace:
-    """Megatron-LM's parser plus the TST group, without Megatron's validation side effects.
-    Safe to call from several threads (the demo plans its runs side by side)."""
-    from nemo_tst.errors import UsageError
-
-    def refuse(parser, message):  # one line, not Megatron's 4,000-line usage text
-        raise UsageError(f"{message} (nemo-tst pretrain --help lists the --tst-* arguments, "
-                         "--megatron-help Megatron-LM's)")
-
-    with _ARGV_LOCK:
-        with warnings.catch_warnings():  # under the lock: the filters are process-wide
-            # What optional packages print when Megatron's trainer imports them (NVIDIA Model
-            # Optimizer's version notices and deprecations, say) stays off the launcher's
-            # terminal; each rank's copy goes to the run's log.
-            warnings.simplefilter("ignore")
-            from megatron.training.arguments import parse_args
-        saved, saved_error = sys.argv, argparse.ArgumentParser.error
-        sys.argv = ["nemo-tst", *argv]
-        argparse.ArgumentParser.error = refuse
-        try:
-            return parse_args(extra_args_provider=add_tst_arguments)
-        finally:
-            sys.argv, argparse.ArgumentParser.error = saved, saved_error
-
-
 def run_identity(args, plan: TSTPlan) -> dict:
     """What fixes the contents of a run directory: the model shape, batch, steps and seed, and
     every TST setting."""
@@ -104,32 +74,6 @@ def claim_run_directory(save: Path, args, plan: TSTPlan) -> None:
     run_dir.claim_run_directory(save, run_identity(args, plan), plan, MEGATRON_NAMES)
 
 
-def without_options(argv: list[str], *options: str) -> list[str]:
-    """argv minus the given options and their single values."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        name = a.split("=", 1)[0]
-        if name in options:
-            skip = "=" not in a
-            continue
-        out.append(a)
-    return out
-
-
-def last_value(argv: list[str], option: str) -> Optional[str]:
-    """The value of the last `option` in argv (`--opt V` or `--opt=V`, argparse's rule), or None."""
-    found = None
-    for i, a in enumerate(argv):
-        if a == option and i + 1 < len(argv):
-            found = argv[i + 1]
-        elif a.startswith(option + "="):
-            found = a.split("=", 1)[1]
-    return found
-
-
 def phase_commands(argv: list[str], args, plan: TSTPlan) -> list[tuple[int, list[str]]]:
     """[(phase, per-rank argv)] still to run, judged from the checkpoints on disk.
 
@@ -138,25 +82,6 @@ def phase_commands(argv: list[str], args, plan: TSTPlan) -> list[tuple[int, list
     wanted = {"both": (1, 2), "1": (1,), "2": (2,)}[args.tst_phase]
     todo = run_dir.phases_to_run(save, plan, MEGATRON_NAMES, wanted)
     return [(phase, phase_argv(argv, phase, save, plan.phase1_iters)) for phase in todo]
-
-
-def phase_argv(argv: list[str], phase: int, save: Path, phase1_iters: int) -> list[str]:
-    """The per-rank arguments of one phase (`python -m nemo_tst.training.pretrain ...`): the
-    run's arguments with --save/--load/--tst-phase/--exit-interval set for the phase.
-
-    Phase 1 saves to and resumes from SAVE/phase1 and exits at n1. Phase 2 saves to
-    SAVE/phase2 and resumes from it; the first time (nothing there yet) each rank starts
-    from SAVE/phase1 instead (`--tst-phase1-checkpoint`, see `resolve_phase_start`; at s = 1,
-    from iteration 0 when SAVE/phase1 is empty). The arguments do not depend on what is on
-    disk, so a scheduler can submit both phases at once.
-    """
-    p1_dir, p2_dir = save / "phase1", save / "phase2"
-    base = without_options(argv, "--save", "--load", "--tst-phase", "--exit-interval", "--tst-phase1-checkpoint")
-    if phase == 1:
-        return base + ["--tst-phase", "1", "--save", str(p1_dir), "--load", str(p1_dir),
-                       "--exit-interval", str(phase1_iters)]
-    return base + ["--tst-phase", "2", "--save", str(p2_dir), "--load", str(p2_dir),
-                   "--tst-phase1-checkpoint", str(p1_dir)]
 
 
 def resolve_phase_start(args, plan: TSTPlan) -> Optional[str]:
@@ -442,9 +367,7 @@ def run(argv: list[str], *, nproc: int = 1, log_file: Optional[Path] = None, on_
         from nemo_tst.data.tokenizer import HFTokenizer
 
         vocab = HFTokenizer.from_file(args.tst_tokenizer).vocab_size
-        argv = [*argv, "--tokenizer-type", "NullTokenizer"]
-        if args.vocab_size is None:
-            argv += ["--vocab-size", str(vocab)]
+        argv = with_data_tokenizer(argv, vocab, has_vocab_size=args.vocab_size is not None)
         args = parse_megatron_args(argv)
     plan = plan_from_args(args)
     fallbacks = check_before_launch(argv, args, plan, nproc)

@@ -17,21 +17,16 @@ from typing import Optional
 import torch
 
 from megatron.core import parallel_state
-from megatron.core.rerun_state_machine import get_rerun_state_machine
 from megatron.core.utils import get_attr_wrapped_model
 from megatron.training import get_args
 from megatron.training.utils import is_first_or_last_pipeline_stage
 
 from nemo_tst.core.context_parallel import split_for_context_parallel
 from nemo_tst.core.data import batch_device
-from nemo_tst.core.loss import (
-    check_finite_loss,
-    phase1_loss_terms,
-    phase1_target_weights,
-    phase2_loss_terms,
-)
+from nemo_tst.core.loss import check_finite_loss, phase1_loss_terms, phase2_loss_terms
 from nemo_tst.core.plan import TSTPlan
-from nemo_tst.superposition import make_superposition_batch, set_superposition
+from nemo_tst.core.step import phase1_forward
+from nemo_tst.superposition import set_superposition
 
 __all__ = ["ProgressLog", "forward_step", "get_batch", "phase1_loss_func", "phase2_loss_func"]
 
@@ -163,17 +158,12 @@ def forward_step(data_iterator, model, *, plan: TSTPlan, eod_id: Optional[int],
         return output, partial(phase2_loss_func, None)
 
     if phase1:
-        set_superposition(model, config)
-        tst = make_superposition_batch(
-            batch["text"], config, loss_mask=batch["loss_mask"], eod_id=eod_id
+        output, target_mask, weights = phase1_forward(
+            model, batch["text"], batch["loss_mask"], config, eod_id=eod_id,
+            cp_rank=parallel_state.get_context_parallel_rank(),
+            cp_size=parallel_state.get_context_parallel_world_size(),
         )
-        inputs = _slice_for_context_parallel(
-            {"input_ids": tst.input_ids, "position_ids": tst.position_ids,
-             "targets": tst.targets, "target_mask": tst.target_mask}
-        )
-        output = model(inputs["input_ids"], inputs["position_ids"], None, labels=inputs["targets"])
-        weights = phase1_target_weights(config.weights(), inputs["target_mask"].device)
-        return output, partial(phase1_loss_func, inputs["target_mask"], weights)
+        return output, partial(phase1_loss_func, target_mask, weights)
 
     set_superposition(model, None)
     inputs = _slice_for_context_parallel(
