@@ -2,7 +2,7 @@
 
 All runs share the model, L, global batch, data, optimizer and warm-up; each has its own WSD
 schedule spanning its own length (decay over its last 10%). Each run's arguments are a recipe's
-`megatron_args()` (nemo_tst/conf/recipes, the --size preset's recipe and overrides) with the
+`megatron_args()` (conf/recipes, the --size preset's recipe and overrides) with the
 run's length, s, r and paths as overrides (`megatron_argv`). Runs (N = --steps):
 
     baseline        s = 1 for N steps             (FLOPs of N steps)
@@ -63,7 +63,7 @@ from nemo_tst.demo.progress import Progress  # noqa: E402
 from nemo_tst.demo.results import read_run, steps_to_reach  # noqa: E402
 from nemo_tst.demo.runs import finished, side_by_side, train  # noqa: E402
 
-# Model and schedule presets: a recipe (nemo_tst/conf/recipes/<recipe>.yaml) and overrides of
+# Model and schedule presets: a recipe (conf/recipes/<recipe>.yaml) and overrides of
 # it; model.vocab_size is the BPE's size. corpus_bytes and steps are the benchmark's own.
 SIZES = {
     # The GPU default: small enough that 4 concurrent runs of ~8k steps fit in minutes.

@@ -8,7 +8,7 @@
                   [--corpus-tokens T] [--tokens-per-gpu-second X | --mfu M --peak-tflops F]
                   [--recipe-dir DIR]
     nemo-tst recipes [--recipe-dir DIR]
-                 the built-in recipes (nemo_tst/conf/recipes), DIR's <name>.yaml recipes
+                 the built-in recipes (conf/recipes), DIR's <name>.yaml recipes
                  (same schema; they win over a built-in of the same name), precision presets
     nemo-tst run --factory RECIPE[(gpus=G, precision=P)] [recipe.section.field=value ...]
                  [run.executor=local|slurm|docker run.executor.FIELD=value ...] [--dryrun] [--yes]
@@ -25,8 +25,9 @@ import argparse
 import sys
 import warnings
 from pathlib import Path
+from typing import Optional
 
-from nemo_tst.errors import ArgumentParser, fraction, positive_int
+from nemo_tst.errors import ArgumentParser, MissingExtra, fraction, positive_int, user_paths
 from nemo_tst.training.logs import quiet_cuda_runtime_notice
 
 # megatron-core warns at import about optional CUDA extensions (Apex, Transformer Engine) and
@@ -71,8 +72,11 @@ def _pretrain(rest: list[str]) -> None:
             sys.stdout.write(text)
             sys.stdout.flush()
 
-    plan = run(megatron_argv, nproc=opts.nproc_per_node, log_file=opts.log_file,
-               on_line=None if opts.log_file else echo)
+    paths = {"--save": _option_value(megatron_argv, "--save"), "--log-file": opts.log_file,
+             "--tst-tokenizer": _option_value(megatron_argv, "--tst-tokenizer")}
+    with user_paths(paths):
+        plan = run(megatron_argv, nproc=opts.nproc_per_node, log_file=opts.log_file,
+                   on_line=None if opts.log_file else echo)
     if plan.superposition.bag_size == 1:
         print(f"[nemo-tst] done: {plan.train_iters} iterations of ordinary training (s=1, one launch); "
               f"{plan.text_tokens_after(plan.train_iters):,} text tokens")
@@ -82,6 +86,18 @@ def _pretrain(rest: list[str]) -> None:
         f" + {plan.phase2_iters} phase-2 iterations; "
         f"{plan.text_tokens_after(plan.train_iters):,} text tokens"
     )
+
+
+def _option_value(argv: list[str], option: str) -> Optional[str]:
+    """The value `argv` gives `option` (`--save DIR` or `--save=DIR`; the last one wins, as in
+    argparse), or None."""
+    value = None
+    for at, arg in enumerate(argv):
+        if arg == option and at + 1 < len(argv):
+            value = argv[at + 1]
+        elif arg.startswith(option + "="):
+            value = arg[len(option) + 1:]
+    return value
 
 
 def _preprocess(rest: list[str]) -> None:
@@ -110,7 +126,7 @@ def _plan(rest: list[str]) -> None:
                              "one named like a built-in recipe wins")
     parser.add_argument("overrides", nargs="*", help="section.field=value, e.g. tst.bag_size=8")
     parser.add_argument("--gpus", type=positive_int, default=None, help="which parallel preset (1, 8, 64)")
-    parser.add_argument("--precision", default="bf16", help="a preset of nemo_tst/conf/precision.yaml")
+    parser.add_argument("--precision", default="bf16", help="a preset of conf/precision.yaml")
     parser.add_argument("--corpus-tokens", type=_token_count, default=None,
                         help="unique training tokens available (default: counted from "
                              "data.prefix when it exists here)")
@@ -127,8 +143,9 @@ def _plan(rest: list[str]) -> None:
     # Intermixed: overrides may follow options (`plan NAME --recipe-dir D tst.bag_size=8`);
     # parse_args would have consumed the empty override list right after NAME.
     opts = parser.parse_intermixed_args(rest)
-    recipe = load_recipe(opts.recipe, gpus=opts.gpus, precision=opts.precision,
-                         overrides=opts.overrides, recipe_dir=opts.recipe_dir)
+    with user_paths({"--recipe-dir": opts.recipe_dir}):
+        recipe = load_recipe(opts.recipe, gpus=opts.gpus, precision=opts.precision,
+                             overrides=opts.overrides, recipe_dir=opts.recipe_dir)
     report = plan_report(recipe, corpus_tokens=opts.corpus_tokens,
                          tokens_per_gpu_second=opts.tokens_per_gpu_second, mfu=opts.mfu,
                          peak_tflops=opts.peak_tflops)
@@ -153,8 +170,10 @@ def _recipes(rest: list[str]) -> None:
                         help="a directory of your own <name>.yaml recipes (the built-ins' schema); "
                              "one named like a built-in recipe wins")
     opts = parser.parse_args(rest)
-    for name in recipe_names(opts.recipe_dir):
-        recipe = load_recipe(name, recipe_dir=opts.recipe_dir)  # with its default parallel preset
+    with user_paths({"--recipe-dir": opts.recipe_dir}):
+        recipes = {name: load_recipe(name, recipe_dir=opts.recipe_dir)  # its default parallel preset
+                   for name in recipe_names(opts.recipe_dir)}
+    for name, recipe in recipes.items():
         total, active = recipe.model.parameters()
         print(f"{name:22} {total / 1e9:7.2f}B ({active / 1e9:.2f}B active)  s={recipe.tst.bag_size}  "
               f"N={recipe.training.train_iters}  default gpus={recipe.parallel.num_gpus}")
@@ -165,8 +184,8 @@ def _run(rest: list[str]) -> None:
     import importlib.util
 
     if importlib.util.find_spec("nemo_run") is None:
-        raise RuntimeError("nemo-tst run needs NeMo-Run: pip install 'nemo-tst[nemo]' "
-                           "(nemo-run 0.11.1 with leptonai 0.27.3)")
+        raise MissingExtra("nemo-tst run needs NeMo-Run: pip install 'nemo-tst[nemo]' "
+                            "(nemo-run 0.11.1 with leptonai 0.27.3)")
     from nemo_tst.recipes.experiment import main as run_main
 
     run_main(rest)
@@ -191,8 +210,9 @@ def _export_hf(rest: list[str]) -> None:
     opts = parser.parse_args(rest)
     from nemo_tst.export import export_hf
 
-    out = export_hf(opts.run_dir, opts.out, iteration=opts.iteration, dtype=opts.dtype,
-                    allow_phase1=opts.allow_phase1, overwrite=opts.overwrite, tokenizer=opts.tokenizer)
+    with user_paths({"RUN_DIR": opts.run_dir, "OUT": opts.out, "--tokenizer": opts.tokenizer}):
+        out = export_hf(opts.run_dir, opts.out, iteration=opts.iteration, dtype=opts.dtype,
+                        allow_phase1=opts.allow_phase1, overwrite=opts.overwrite, tokenizer=opts.tokenizer)
     print(f"[nemo-tst] wrote {out}: AutoModelForCausalLM.from_pretrained({str(out)!r})")
 
 
@@ -227,17 +247,9 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         return 0 if argv else 2
-    from nemo_tst.errors import DEBUG_ENV, USER_ERRORS, UsageError, debugging, one_line
+    from nemo_tst.errors import run_command
 
-    try:
-        COMMANDS[argv[0]](argv[1:])
-    except USER_ERRORS as err:
-        if debugging():
-            raise
-        hint = "" if isinstance(err, UsageError) else f" ({DEBUG_ENV}=1 shows the traceback)"
-        print(f"nemo-tst {argv[0]}: error: {one_line(err)}{hint}", file=sys.stderr)
-        return 2 if isinstance(err, UsageError) else 1
-    return 0
+    return run_command(f"nemo-tst {argv[0]}", lambda: COMMANDS[argv[0]](argv[1:]))
 
 
 if __name__ == "__main__":

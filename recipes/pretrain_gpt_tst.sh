@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # TST pretraining on one node with Megatron-LM's trainer, without NeMo-Run: `nemo-tst pretrain`
 # with a recipe's arguments. The arguments are not written here: `nemo-tst plan RECIPE --args`
-# prints them from the recipe (nemo_tst/conf/recipes/RECIPE.yaml), after validating it, so this
+# prints them from the recipe (conf/recipes/RECIPE.yaml), after validating it, so this
 # script launches exactly what `nemo-tst plan` and `nemo-tst run` describe.
 # Usage: DATA=/data/corpus SAVE=/ckpt/run1 [GPUS=8] [RECIPE=tst_llama3_270m] [PRECISION=bf16] \
 #        [TOKENIZER=/data/corpus_tokenizer.json] [ITERS=20000] \

@@ -47,6 +47,7 @@ TIERS = {
     "test_demo_runs.py": "unit",
     "test_driver.py": "unit",
     "test_embedding.py": "unit",
+    "test_errors.py": "unit",
     "test_experiment.py": "unit",
     "test_export_hf.py": "e2e",
     "test_golden_curve.py": "e2e",

@@ -415,3 +415,59 @@ def test_a_failed_first_start_does_not_block_the_corrected_command(small_data, t
     with pytest.raises(ValueError, match="holds a different TST run"):
         args = parse_megatron_args(first)
         check_before_launch(first, args, plan_from_args(args), 1)
+
+
+def test_a_bug_deep_in_a_command_keeps_its_traceback(monkeypatch):
+    """Only nemo-tst's own refusals are one line: a RuntimeError, or a ValueError raised inside
+    a library and not wrapped, reaches the top with its traceback."""
+    import json as json_module
+
+    import nemo_tst.recipes
+
+    monkeypatch.delenv("NEMO_TST_DEBUG", raising=False)
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("an internal invariant broke")
+
+    monkeypatch.setattr(nemo_tst.recipes, "plan_report", crash)
+    with pytest.raises(RuntimeError, match="an internal invariant broke"):
+        main(["plan", "tst_tiny"])
+    monkeypatch.setattr(nemo_tst.recipes, "plan_report", lambda *a, **k: json_module.loads("{"))
+    with pytest.raises(json_module.JSONDecodeError):
+        main(["plan", "tst_tiny"])
+
+
+def _below_a_file(tmp_path: Path) -> str:
+    (tmp_path / "a_file").write_text("not a directory")
+    return str(tmp_path / "a_file" / "sub")
+
+
+# command -> (its arguments with {path}: a path whose parent is a regular file; the flag that gave it)
+PATHS_BELOW_A_FILE = {
+    "pretrain --save": (lambda data, path: pretrain_args(data, path), "--save"),
+    "pretrain --log-file": (lambda data, path: pretrain_args(data, Path(path).parent.parent / "run",
+                                                             "--log-file", path), "--log-file"),
+    "preprocess --output-prefix": (lambda data, path: [
+        "preprocess", "--input", str(data["root"] / "docs"), "--output-prefix", path,
+        "--tokenizer", str(data["tokenizer"])], "--output-prefix"),
+    "preprocess --output-prefix, training a tokenizer": (lambda data, path: [
+        "preprocess", "--input", str(data["root"] / "docs"), "--output-prefix", path,
+        "--train-tokenizer", "--vocab-size", "300"], "--output-prefix"),
+    "demo --out": (lambda data, path: ["demo", "--size", "ci", "--out", path], "--out"),
+    "plan --recipe-dir": (lambda data, path: ["plan", "tst_tiny", "--recipe-dir", path], "--recipe-dir"),
+    "recipes --recipe-dir": (lambda data, path: ["recipes", "--recipe-dir", path], "--recipe-dir"),
+}
+"""`nemo-tst export-hf OUT` is in tests/test_export_hf.py, next to the run it exports."""
+
+
+@pytest.mark.parametrize("case", list(PATHS_BELOW_A_FILE))
+def test_a_path_below_a_regular_file_names_its_flag(small_data, tmp_path, capsys, monkeypatch, case):
+    """An operating-system error on a path the user gave is one line naming the flag that gave
+    it, not a bare "[Errno 17] File exists"."""
+    monkeypatch.delenv("NEMO_TST_DEBUG", raising=False)
+    argv, flag = PATHS_BELOW_A_FILE[case]
+    path = _below_a_file(tmp_path)
+    assert main(argv(small_data, path)) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert flag in err and path in err and "Errno" not in err and "Traceback" not in err, err

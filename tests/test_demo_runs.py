@@ -9,6 +9,7 @@ import pytest
 from nemo_tst.core import run_dir
 from nemo_tst.demo.progress import Progress
 from nemo_tst.demo.runs import OutOfTime, finished, side_by_side, train
+from nemo_tst.errors import RunFailed
 from nemo_tst.recipes import load_recipe
 
 
@@ -17,15 +18,19 @@ def test_a_failed_run_leaves_the_others_running():
 
     def job(name):
         if name == "broken":
-            raise ValueError("broken: no data")
+            raise RunFailed("broken: no data")
+        if name == "buggy":
+            raise KeyError("an internal invariant broke")
         time.sleep(0.2)  # still running when the broken run has failed
         ended.append(name)
         return name.upper()
 
-    with pytest.raises(RuntimeError, match=r"^broken: no data$"):
+    with pytest.raises(RunFailed, match=r"^broken: no data$"):
         side_by_side(job, ["broken", "a", "b"], workers=2)
     assert sorted(ended) == ["a", "b"]
     assert side_by_side(job, ["a", "b"], workers=1) == {"a": "A", "b": "B"}
+    with pytest.raises(KeyError, match="an internal invariant broke"):  # a bug, as it is
+        side_by_side(job, ["broken", "buggy"], workers=2)
 
 
 def _progress(name):

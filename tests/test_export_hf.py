@@ -361,6 +361,19 @@ def test_phase1_of_an_s1_run_is_ordinary_training_and_exports(runs, tmp_path, si
     assert (export_hf(baseline, tmp_path / "out", iteration=N1) / "model.safetensors").is_file()
 
 
+def test_out_below_a_regular_file_names_out(runs, tmp_path, capsys, monkeypatch, single_rank):
+    """An OS error on the export's directory names OUT, not a bare "[Errno 17] File exists"."""
+    from nemo_tst.cli import main
+
+    monkeypatch.delenv("NEMO_TST_DEBUG", raising=False)
+    (tmp_path / "a_file").write_text("not a directory")
+    out = tmp_path / "a_file" / "export"
+    assert main(["export-hf", str(runs["main"]), str(out)]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert f"OUT {out}: {tmp_path / 'a_file'} is a file, not a directory" in err, err
+
+
 def test_existing_out_is_not_overwritten_without_overwrite(runs, tmp_path, single_rank):
     from nemo_tst.export import export_hf
 

@@ -1,9 +1,22 @@
-"""What can be checked here of the container, the launch recipe and nemo_tst/conf (no Docker engine)."""
+"""What can be checked here of the container, the launch recipe, pyproject.toml's package list
+and the YAML of conf/ (no Docker engine)."""
 
 import subprocess
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pyproject_installs_every_package_and_conf_as_nemo_tst_conf():
+    """The package list is written out (discovery cannot install conf/ as nemo_tst.conf): a
+    package added to nemo_tst/ and left out of it would be missing from the wheel."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    in_tree = {init.parent.relative_to(ROOT).as_posix().replace("/", ".")
+               for init in (ROOT / "nemo_tst").rglob("__init__.py")}
+    assert setuptools["package-dir"] == {"nemo_tst.conf": "conf"}
+    assert set(setuptools["packages"]) == in_tree | {"nemo_tst.conf", "nemo_tst.conf.recipes"}
+    assert (ROOT / "conf" / "__init__.py").is_file() and not (ROOT / "nemo_tst" / "conf").exists()
 
 
 def dockerfile_instructions():

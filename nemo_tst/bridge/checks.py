@@ -13,6 +13,7 @@ from typing import Optional
 from nemo_tst.core.plan import TSTPlan, check_plan, run_phases
 from nemo_tst.core.run_dir import RunDirectory
 from nemo_tst.core.settings import SettingNames, TSTSettings
+from nemo_tst.errors import RunFailed
 
 __all__ = [
     "BRIDGE_COMMIT", "BRIDGE_NAMES", "BRIDGE_REQUIREMENT", "BRIDGE_TESTED", "BRIDGE_VERSION", "check_phase_iteration",
@@ -162,13 +163,13 @@ def check_phase_iteration(phase: int, iteration: int, plan: TSTPlan, run_dir) ->
     the phase-2 container runs the whole run."""
     n1, p1_dir = plan.phase1_iters, RunDirectory(run_dir).phase_dir(1)
     if phase == 1 and iteration >= n1:
-        raise RuntimeError(
+        raise RunFailed(
             f"the phase-1 container is at iteration {iteration}, but phase 1 ended at iteration "
             f"{n1} (its checkpoint is in {p1_dir}); run the phase-2 container "
             "(tst_phase_configs(...)[1], or tst_pretrain(..., phase=2))"
         )
     if phase == 2 and iteration < n1 and 1 in run_phases(plan):
-        raise RuntimeError(
+        raise RunFailed(
             f"the phase-2 container is at iteration {iteration}, but phase 2 starts from phase "
             f"1's checkpoint of iteration {n1} in {p1_dir}, which it did not find "
             f"(latest there: {RunDirectory(run_dir).latest(1)}); run phase 1 to its end first "

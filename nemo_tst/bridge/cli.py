@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 
 from nemo_tst.bridge.checks import BRIDGE_NAMES
 from nemo_tst.core.settings import SETTING_FLAG, add_setting_arguments, settings_from_args
+from nemo_tst.errors import run_command, user_paths
 
 __all__ = ["LAUNCHER_NAMES", "load_recipe", "main", "parse_args"]
 
@@ -96,8 +97,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[int]:
     if overrides:
         cfg = process_config_with_overrides(cfg, cli_overrides=list(overrides))
     phase = args.tst_phase if args.tst_phase == "next" else int(args.tst_phase)
-    return tst_pretrain(cfg, tst, phase=phase, run_dir=args.tst_run_dir)
+    with user_paths({"--tst-run-dir": args.tst_run_dir, "checkpoint.save": cfg.checkpoint.save}):
+        return tst_pretrain(cfg, tst, phase=phase, run_dir=args.tst_run_dir)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command("python -m nemo_tst.bridge.cli", main))

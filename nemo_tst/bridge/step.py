@@ -86,7 +86,7 @@ def tst_forward_step(state: "GlobalState", data_iterator, model, return_schedule
         return gpt_step.forward_step(state, iter([batch]), model, return_schedule_plan)
 
     if not tst_model:
-        raise RuntimeError(
+        raise ValueError(
             "a phase-1 batch reached a plain GPTModel: the container's model provider needs "
             "nemo_tst.bridge.tst_model_hook; build the containers with tst_phase_configs"
         )

@@ -8,13 +8,14 @@ Writes data/corpus_train.{bin,idx} (and _valid) and, with --train-tokenizer, the
 tokenizer.json beside them; pass that to training as --tst-tokenizer.
 """
 
+import argparse
 import sys
 from pathlib import Path
 
 from nemo_tst.data.corpus import DEFAULT_EXTENSIONS, iter_texts
 from nemo_tst.data.preprocess import preprocess
 from nemo_tst.data.tokenizer import HFTokenizer, train_bpe
-from nemo_tst.errors import ArgumentParser, fraction, positive_int
+from nemo_tst.errors import ArgumentParser, fraction, positive_int, user_paths
 
 __all__ = ["preprocess_main"]
 
@@ -40,6 +41,12 @@ def preprocess_main(argv: list[str]) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true")
     opts = parser.parse_args(argv)
+    with user_paths({"--output-prefix": opts.output_prefix, "--input": opts.input,
+                     "--held-out-input": opts.held_out_input, "--tokenizer": opts.tokenizer}):
+        _preprocess(opts)
+
+
+def _preprocess(opts: argparse.Namespace) -> None:
     tokenizer_path = Path(f"{opts.output_prefix}_tokenizer.json")
     _check_before_work(opts, tokenizer_path)  # all of it, before a tokenizer is trained
 

@@ -1,5 +1,6 @@
 """`nemo-tst demo`'s command line: its options, their checks, and the optional export."""
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -28,10 +29,8 @@ def check_demo_settings(bag_size, phase1_fraction, train_iters: int, size: str, 
 
 
 def demo_main(argv: list[str]) -> None:
-    import torch
-
     from nemo_tst import demo
-    from nemo_tst.errors import ArgumentParser, positive_int
+    from nemo_tst.errors import ArgumentParser, positive_int, user_paths
 
     parser = ArgumentParser(prog="nemo-tst demo", description=demo.__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
@@ -50,6 +49,13 @@ def demo_main(argv: list[str]) -> None:
                              "OUT/hf/baseline and OUT/hf/tst (nemo-tst export-hf; replaces an "
                              "earlier export there)")
     opts = parser.parse_args(argv)
+    with user_paths({"--out": opts.out}):
+        _demo_command(opts)
+
+
+def _demo_command(opts: argparse.Namespace) -> None:
+    import torch
+
     size = opts.size if opts.size != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
     if opts.export_hf:
         import importlib.util

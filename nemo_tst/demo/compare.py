@@ -19,6 +19,7 @@ from nemo_tst.demo.progress import Progress
 from nemo_tst.demo.report import print_report, verdict
 from nemo_tst.demo.results import read_run, steps_to_reach
 from nemo_tst.demo.runs import finished, side_by_side as run_side_by_side, train
+from nemo_tst.errors import RunFailed
 from nemo_tst.recipes.catalog import load_recipe
 from nemo_tst.recipes.config import TSTRecipe
 
@@ -156,7 +157,7 @@ def _read_runs(out: Path, argvs: dict, walls: dict) -> dict:
         log_file = out / f"{name}.log"
         run = read_run(log_file, argv)
         if not run["valid"]:
-            raise RuntimeError(f"no validation loss found in {log_file}")
+            raise RunFailed(f"no validation loss found in {log_file}")
         wall = walls[name] if walls.get(name) else previous.get(name, {}).get("wall_seconds", 0.0)
         runs[name] = {
             "bag_size": run["bag_size"], "phase1_iters": run["phase1_iters"], "valid": run["valid"],

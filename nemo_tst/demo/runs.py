@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from nemo_tst.demo.progress import Progress
+from nemo_tst.errors import RunFailed, is_user_error
 
 __all__ = ["OutOfTime", "finished", "side_by_side", "train"]
 
 
-class OutOfTime(RuntimeError):
+class OutOfTime(RunFailed):
     """A run's deadline came, or it was stopped, before its last phase could start."""
 
 
@@ -81,7 +82,8 @@ def train(name: str, argv: list[str], *, log_file: Path, progress: Progress, npr
 
 def side_by_side(job: Callable[[str], object], names: list[str], *, workers: int) -> dict:
     """{name: job(name)} for each run, `workers` runs at a time. A failed run leaves the others
-    running; once all have ended, the failures are raised together as one RuntimeError.
+    running; once all have ended, the failures are raised together as one `RunFailed` (a bug
+    among them is raised as it is, with its traceback).
     Interrupted (Ctrl-C, a signal's exception), runs not yet started are not started."""
     results, errors = {}, []
     pool = ThreadPoolExecutor(max_workers=workers)
@@ -97,5 +99,8 @@ def side_by_side(job: Callable[[str], object], names: list[str], *, workers: int
         raise
     pool.shutdown(wait=True)
     if errors:
-        raise RuntimeError("; ".join(str(e) for e in errors))
+        bugs = [err for err in errors if not is_user_error(err)]
+        if bugs:
+            raise bugs[0]
+        raise RunFailed("; ".join(str(e) for e in errors))
     return results

@@ -70,6 +70,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from nemo_tst.core.run_dir import RunDirectory
+from nemo_tst.errors import MissingExtra
 from nemo_tst.export.checkpoint import choose_checkpoint, read_checkpoint, unstack_layers
 
 __all__ = ["DTYPES", "export_hf", "unsupported_settings"]
@@ -583,8 +584,8 @@ def export_hf(run_dir, out, *, iteration: Optional[int] = None, dtype: str = "fp
     import torch
 
     if importlib.util.find_spec("safetensors") is None:
-        raise RuntimeError("export-hf writes safetensors: pip install 'nemo-tst[hf]' "
-                           "(safetensors, transformers)")
+        raise MissingExtra("export-hf writes safetensors: pip install 'nemo-tst[hf]' "
+                            "(safetensors, transformers)")
     run_dir, out = Path(run_dir), Path(out)
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")

@@ -1,8 +1,8 @@
-"""Recipes: the paper's scales as data (nemo_tst/conf/recipes/*.yaml), parallel and precision presets,
+"""Recipes: the paper's scales as data (conf/recipes/*.yaml), parallel and precision presets,
 validation before launch, `nemo-tst plan`, and the NeMo-Run two-stage experiment.
 
     config.py      TSTRecipe and its sections -> Megatron-LM arguments
-    catalog.py     nemo_tst/conf -> TSTRecipe; presets and key=value overrides
+    catalog.py     conf/ -> TSTRecipe; presets and key=value overrides
     plan.py        checks before launch; steps, tokens, FLOPs, GPU-hours, data budget
     experiment.py  NeMo-Run: factories, executors (local, Slurm, Docker), phase 2 after phase 1
 """

@@ -1,8 +1,8 @@
 """The recipes: names, parallel and precision presets, and `key=value` overrides.
 
-    nemo_tst/conf/recipes/<name>.yaml   built-in: model, training, tst, and `parallel`
+    conf/recipes/<name>.yaml   built-in: model, training, tst, and `parallel`
                                         presets keyed by GPU count (package data)
-    nemo_tst/conf/precision.yaml        bf16, fp8_delayed, fp8_current, mxfp8 -> Megatron arguments
+    conf/precision.yaml        bf16, fp8_delayed, fp8_current, mxfp8 -> Megatron arguments
     RECIPE_DIR/<name>.yaml              a user's own recipes in the same schema (`recipe_dir=`,
                                         `nemo-tst plan/recipes --recipe-dir`)
 
@@ -74,7 +74,7 @@ def _precision(name: str) -> Precision:
     presets = read_conf(conf_file("precision.yaml"))
     if name not in presets:
         raise ValueError(f"unknown precision {name!r}; choose one of {sorted(presets)} "
-                         "(nemo_tst/conf/precision.yaml)")
+                         "(conf/precision.yaml)")
     preset = presets[name]
     return Precision(name=name, args=[str(a) for a in preset["args"]])
 
@@ -121,7 +121,7 @@ def load_recipe(name: str, *, gpus: Optional[int] = None, precision: str = "bf16
     of the same name."""
     sources = recipe_sources(recipe_dir)
     if name not in sources:
-        where = "nemo_tst/conf/recipes/" + (f" and {recipe_dir}" if recipe_dir is not None else "")
+        where = "conf/recipes/" + (f" and {recipe_dir}" if recipe_dir is not None else "")
         raise ValueError(f"unknown recipe {name!r}; choose one of {list(sources)} ({where})")
     source = sources[name]
     conf = _read_recipe_file(source)

@@ -3,7 +3,7 @@ precision, data and where to save. `TSTRecipe.megatron_args()` turns it into the
 `nemo-tst pretrain` (Megatron-LM GPT arguments plus `--tst-*`), the one place a recipe meets
 Megatron; everything downstream (validation, the plan, launching) reads those arguments.
 
-The recipes of the paper's scales are YAML files in `nemo_tst/conf/recipes/` (loaded by
+The recipes of the paper's scales are YAML files in `conf/recipes/` (loaded by
 `nemo_tst.recipes.catalog`); every field below can be overridden as `section.field=value`.
 """
 
@@ -205,7 +205,7 @@ class ParallelLayout:
 
 @dataclass(kw_only=True)
 class Precision:
-    """A named precision preset (nemo_tst/conf/precision.yaml) and the Megatron arguments it maps to."""
+    """A named precision preset (conf/precision.yaml) and the Megatron arguments it maps to."""
 
     name: str = "bf16"
     args: list = field(default_factory=lambda: ["--bf16"])

@@ -27,6 +27,7 @@ from typing import Optional
 import nemo_run as run
 
 from nemo_tst.core.plan import TSTPlan, run_phases
+from nemo_tst.errors import RunFailed
 from nemo_tst.recipes import catalog
 from nemo_tst.recipes.config import TSTRecipe
 from nemo_tst.recipes.plan import check_recipe
@@ -132,8 +133,8 @@ def _recipe_factory(name: str):
         return run.Partial(pretrain, recipe=recipe_config(name, gpus=gpus, precision=precision))
 
     factory.__name__ = factory.__qualname__ = name
-    factory.__doc__ = (f"Recipe {name} (nemo_tst/conf/recipes/{name}.yaml): `gpus` picks its "
-                       "parallel preset, `precision` one of nemo_tst/conf/precision.yaml.")
+    factory.__doc__ = (f"Recipe {name} (conf/recipes/{name}.yaml): `gpus` picks its "
+                       "parallel preset, `precision` one of conf/precision.yaml.")
     return run.cli.factory(factory, target=pretrain, name=name)
 
 
@@ -200,7 +201,7 @@ def check_run_arguments(argv: list[str]) -> None:
             name = re.match(r"^\s*([\w.]+)", value)
             if not name or name.group(1) not in RECIPE_FACTORIES:
                 raise ValueError(f"unknown recipe {value!r} for --factory; choose one of "
-                                 f"{sorted(RECIPE_FACTORIES)} (nemo_tst/conf/recipes/)")
+                                 f"{sorted(RECIPE_FACTORIES)} (conf/recipes/)")
         elif arg.startswith("recipe.") and "=" in arg:
             catalog.resolve_override_key(arg.split("=", 1)[0])
     if not any(a in ("--factory", "-f") or a.startswith("--factory=") for a in argv) and not any(
@@ -224,4 +225,4 @@ def main(argv: list[str]) -> None:
     finally:
         sys.argv = saved
     if isinstance(status, int) and status != 0:
-        raise RuntimeError(f"NeMo-Run stopped with status {status}; its message is above")
+        raise RunFailed(f"NeMo-Run stopped with status {status}; its message is above")

@@ -40,6 +40,7 @@ from nemo_tst.core.run_dir import (
     usable_checkpoint,
 )
 from nemo_tst.core.run_lock import LOCK_HELD_ENV, RunLock
+from nemo_tst.errors import RunFailed
 from nemo_tst.training.arguments import (
     MEGATRON_NAMES,
     check_runtime,
@@ -417,11 +418,11 @@ def _launch_phases(commands, plan: TSTPlan, save: Path, nproc: int, log_file, on
         if rc != 0:
             reached = run_directory.latest(phase)
             if not trained:
-                raise RuntimeError(
+                raise RunFailed(
                     f"phase {phase} failed before training started (status {rc}){_why(reasons)}; "
                     f"see {log_file}. Fix the cause it names, then rerun"
                 )
-            raise RuntimeError(
+            raise RunFailed(
                 f"phase {phase} crashed during training (status {rc}){_why(reasons)}; see "
                 f"{log_file}. Rerun the same command to resume from the latest checkpoint "
                 f"({'none yet' if reached is None else f'iteration {reached}'})"
@@ -430,7 +431,7 @@ def _launch_phases(commands, plan: TSTPlan, save: Path, nproc: int, log_file, on
         # --exit-duration-in-mins): the next phase starts only from a finished one.
         reached = run_directory.latest(phase)
         if reached != last:
-            raise RuntimeError(
+            raise RunFailed(
                 f"phase {phase} stopped at iteration {reached} before its end ({last}); see "
                 f"{log_file}; nothing was lost: rerun the same command to resume"
             )

@@ -1,11 +1,13 @@
-"""nemo-tst's YAML data, shipped inside the package (package data of `nemo_tst.conf`):
+"""nemo-tst's YAML data: the top-level conf/ of the source tree, installed as the package
+`nemo_tst.conf` (pyproject.toml maps the directory to that name):
 
     demo.yaml               the demo's sizes
     precision.yaml          precision presets -> Megatron arguments
     recipes/<name>.yaml     the built-in recipes
 
 Read through `importlib.resources`, so a wheel or `pip install .` carries them as an editable
-install does. A packaged file that is missing means a broken install, not a missing checkout.
+install or a checkout on PYTHONPATH does. A packaged file that is missing means a broken
+install, not a missing checkout.
 """
 
 from importlib import resources
@@ -21,13 +23,13 @@ CONF_FILES: Traversable = resources.files(__name__)
 # The same directory as a Path, for callers that join paths (nemo_tst.demo: CONF_DIR / "demo.yaml").
 CONF_DIR = Path(__file__).resolve().parent
 
-REINSTALL_HINT = ("the nemo-tst install is broken (its package data nemo_tst/conf/ is incomplete): "
+REINSTALL_HINT = ("the nemo-tst install is broken (its package data nemo_tst.conf is incomplete): "
                   "reinstall it, e.g. `pip install --force-reinstall nemo-tst` or `pip install .` "
                   "from a checkout")
 
 
 def conf_file(name: str) -> Traversable:
-    """The packaged file `name` under nemo_tst/conf/ (e.g. "precision.yaml",
+    """The packaged file `name` of nemo_tst.conf (e.g. "precision.yaml",
     "recipes/tst_tiny.yaml"); read_conf() it."""
     entry = CONF_FILES
     for part in name.split("/"):
