@@ -19,6 +19,7 @@ from tests.test_model import (
     VOCAB,
     causal_mask,
     check_phase1_is_bag_means_through_the_vanilla_model,
+    check_s1_phase1_equals_the_vanilla_model_bit_for_bit,
     check_tensor_parallel_2_matches_tp1,
     phase1_batch,
     phase1_loss,
@@ -117,15 +118,7 @@ def test_s1_phase1_and_phase2_equal_vanilla_hybrid_model_bit_for_bit(single_rank
     from nemo_tst import set_superposition
 
     tst, vanilla = build(), build("HybridModel")
-    cfg, batch = phase1_batch(1)
-    loss = phase1_loss(tst, cfg, batch)
-    ce = vanilla(batch.input_ids, batch.position_ids, causal_mask(L), labels=batch.targets[..., 0])
-    want = ce.sum() / ce.numel()
-    assert torch.equal(loss, want)
-    loss.backward()
-    want.backward()
-    for (name, p), q in zip(tst.named_parameters(), vanilla.parameters()):
-        assert torch.equal(p.grad, q.grad), name
+    check_s1_phase1_equals_the_vanilla_model_bit_for_bit(tst, vanilla)
 
     set_superposition(tst, None)
     ids = torch.randint(0, VOCAB, (BATCH, L))

@@ -154,8 +154,8 @@ def test_phase1_embeds_with_what_the_tables_forward_pre_hook_delivers(single_ran
     assert torch.equal(loss, want)
 
 
-def test_s1_phase1_equals_vanilla_training_bit_for_bit(single_rank):
-    tst, vanilla = build(), build("GPTModel")
+def check_s1_phase1_equals_the_vanilla_model_bit_for_bit(tst, vanilla):
+    """With s=1, phase 1's loss and gradients are the vanilla model's, bit for bit."""
     cfg, batch = phase1_batch(1)
     loss = phase1_loss(tst, cfg, batch)
     ce = vanilla(batch.input_ids, batch.position_ids, causal_mask(L), labels=batch.targets[..., 0])
@@ -165,6 +165,10 @@ def test_s1_phase1_equals_vanilla_training_bit_for_bit(single_rank):
     want.backward()
     for (name, p), q in zip(tst.named_parameters(), vanilla.parameters()):
         assert torch.equal(p.grad, q.grad), name
+
+
+def test_s1_phase1_equals_vanilla_training_bit_for_bit(single_rank):
+    check_s1_phase1_equals_the_vanilla_model_bit_for_bit(build(), build("GPTModel"))
 
 
 def test_phase1_state_dict_loads_into_vanilla_gpt(single_rank):
