@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch.nn.functional as F
 
+from nemo_tst.recipes.catalog import load_recipe
 from tests.test_training_e2e import DECAY, LR, MIN_LR, N, SAVE_INTERVAL, WARMUP
 
 
@@ -37,9 +38,10 @@ def tiny_pretrain_config(*, train_prefix: str, valid_prefix: str, vocab_size: in
         vocab_size=None, make_vocab_size_divisible_by=128, layernorm_epsilon=1e-5,
         init_method_std=0.02, bf16=False, fp16=False,
     )
+    tiny = load_recipe("tst_tiny").training  # the optimizer of test_training_e2e's runs
     optimizer = OptimizerConfig(
-        optimizer="adam", lr=LR, min_lr=MIN_LR, weight_decay=0.0, adam_beta1=0.9,
-        adam_beta2=0.999, adam_eps=1e-8, clip_grad=1.0, use_distributed_optimizer=False,
+        optimizer="adam", lr=LR, min_lr=MIN_LR, weight_decay=0.0, adam_beta1=tiny.adam_beta1,
+        adam_beta2=tiny.adam_beta2, adam_eps=1e-8, clip_grad=tiny.clip_grad, use_distributed_optimizer=False,
         bf16=False, fp16=False,
     )
     scheduler = SchedulerConfig(
