@@ -17,9 +17,16 @@ checkpoints), several at once on one GPU (--concurrency) with a live progress li
 between kernels, so concurrent runs share it well. A run's trainer output is in
 <work-dir>/N<N>/<run>/train.log.
 
-Reported: the final held-out next-token loss of each run (the same held-out samples at every
-evaluation), TST minus the equal-FLOPs baseline (target <= -0.03 nats), and the iso-loss
-speedup: the baseline's final loss as a function of its length, f(N), f(1.25N), f(1.5N), is
+Seeds (--seeds, default 3): every run above trains once per seed; a seed sets both the initial
+weights and the data order, and each TST run is paired with the baselines of its own seed.
+Every evaluation scores --eval-tokens held-out tokens (default 65,536), the same samples at
+every evaluation of a run and in every run of a seed.
+
+Reported, per seed: the final held-out next-token loss of each run, TST minus the equal-FLOPs
+baseline, and the iso-loss speedup below. Over seeds (`nemo_tst.demo.stats`): the mean paired
+difference TST minus baseline with its standard deviation and 95% interval, and the iso-loss
+speedup's mean and 95% interval; a difference whose interval contains zero is reported as "no
+measurable difference". The iso-loss speedup: the baseline's final loss as a function of its length, f(N), f(1.25N), f(1.5N), is
 interpolated linearly between neighbouring lengths to find the steps n* with f(n*) = TST's
 final loss; speedup = n* / N (target >= 1.25). Beyond 1.5N it is extrapolated from the last
 two points (flagged); above f(N) it is reported as < 1.
@@ -53,6 +60,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
@@ -62,6 +70,7 @@ from nemo_tst.demo.plot import plot_iso_loss  # noqa: E402
 from nemo_tst.demo.progress import Progress  # noqa: E402
 from nemo_tst.demo.results import read_run, steps_to_reach  # noqa: E402
 from nemo_tst.demo.runs import finished, side_by_side, train  # noqa: E402
+from nemo_tst.demo.stats import paired_difference, speedup_interval, verdict  # noqa: E402
 
 # Model and schedule presets: a recipe (conf/recipes/<recipe>.yaml) and overrides of
 # it; model.vocab_size is the BPE's size. corpus_bytes and steps are the benchmark's own.
@@ -81,7 +90,7 @@ SIZES = {
     "cpu": dict(recipe="tst_demo_cpu", overrides=[], corpus_bytes=80_000_000),
     # CPU smoke test: checks the pipeline, not the method (40 steps cannot show TST's gain).
     "cpu-smoke": dict(recipe="tst_tiny", overrides=["parallel.micro_batch_size=8"],
-                      corpus_bytes=3_000_000, steps=40),
+                      corpus_bytes=3_000_000, steps=40, eval_tokens=2048),
 }
 
 
@@ -117,9 +126,10 @@ def eval_interval(steps: list[int], longest_gap: int) -> int:
 
 
 def run_overrides(data: dict, *, steps: int, bag_size: int, r: float, warmup: int, eval_every: int,
-                  save_every: int, save: Path, cpu: bool, attention, log_every=None) -> list[str]:
+                  save_every: int, save: Path, cpu: bool, attention, log_every=None, seed: Optional[int] = None,
+                  eval_iters: Optional[int] = None) -> list[str]:
     """The overrides of one run on top of the size's recipe: its length and schedule cadence,
-    s and r, data, checkpoints, device."""
+    s and r, seed, held-out batches per evaluation, data, checkpoints, device."""
     # Megatron caches dataset indices beside the data by default; runs started together
     # with the same dataset settings would write and read the same files at once.
     extra = ["--data-cache-path", str(save.parent / "index_cache")]
@@ -130,6 +140,8 @@ def run_overrides(data: dict, *, steps: int, bag_size: int, r: float, warmup: in
         f"training.eval_interval={eval_every}", f"training.save_interval={save_every}",
         f"training.log_interval={log_every or max(min(eval_every, 100) // 2, 1)}",
         f"tst.bag_size={bag_size}", f"tst.phase1_fraction={r}",
+        *([f"training.seed={seed}"] if seed is not None else []),
+        *([f"training.eval_iters={eval_iters}"] if eval_iters else []),
         *data_overrides(data, data_dir=Path(data["tokenizer"]).parent, cpu=cpu, run_dir=save,
                         extra_args=extra),
     ]
@@ -311,6 +323,11 @@ def parse_options(argv=None) -> argparse.Namespace:
     parser.add_argument("--budget-minutes", type=float, default=8.0,
                         help="wall-clock for everything this script does, data preparation included "
                              "(0: no deadline; then give --steps)")
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="seeds per run (each sets the initial weights and the data order); "
+                             "intervals need 2 or more")
+    parser.add_argument("--eval-tokens", type=int, default=None,
+                        help="held-out tokens per evaluation (default 65,536; cpu-smoke: 2,048)")
     parser.add_argument("--bag-size", type=int, default=4)
     parser.add_argument("--phase1-fraction", type=float, default=0.3)
     parser.add_argument("--extra-bag-sizes", type=int, nargs="*", default=[], help="e.g. 2 8")
@@ -366,7 +383,7 @@ def steps_for_budget(opts, *, work: Path, size_name: str, recipe, data: dict, cp
         raise SystemExit("give --steps N or a --budget-minutes to calibrate N for")
     calibration = calibrate(work, recipe, data, slots=concurrency, cpu=cpu, attention=attention,
                             threads=threads)
-    mults = [1.0, 1.0, *opts.baseline_multipliers, *[1.0] * len(opts.extra_bag_sizes)]
+    mults = [1.0, 1.0, *opts.baseline_multipliers, *[1.0] * len(opts.extra_bag_sizes)] * opts.seeds
     # With --prepare-only, plan for a later command that starts with data and plan ready.
     seconds = opts.budget_minutes * 60 if opts.prepare_only else deadline - time.time()
     N = choose_steps(calibration, mults, n_runs, concurrency, seconds - opts.reserve_seconds)
@@ -408,6 +425,48 @@ def iso_loss_summary(results: dict, N: int) -> tuple[dict, list]:
     return summary, points
 
 
+def seed_summary(by_seed: dict, N: int) -> dict:
+    """{TST run: its comparison over seeds}: the paired difference from the baseline of the
+    same seed and the iso-loss speedup against the same seed's baseline lengths, each with
+    its 95% interval (`nemo_tst.demo.stats`); seeds with an unfinished run are left out."""
+    names = sorted({name for results in by_seed.values() for name, r in results.items() if r["bag_size"] > 1})
+    out = {}
+    for name in names:
+        tst, base, families = [], [], []
+        for results in by_seed.values():
+            if results.get(name, {}).get("final_loss") is None or results["baseline"]["final_loss"] is None:
+                continue
+            tst.append(results[name]["final_loss"])
+            base.append(results["baseline"]["final_loss"])
+            families.append([(r["steps"], r["final_loss"]) for r in results.values()
+                             if r["bag_size"] == 1 and r["final_loss"] is not None])
+        row = {"seeds": len(tst), "minus_baseline": None, "verdict": None, "iso_loss_speedup": None,
+               "seeds_outside_baseline_range": None}
+        if len(tst) >= 2:
+            diff = paired_difference(tst, base)
+            speedup, outside = speedup_interval(families, tst, N)
+            row.update(minus_baseline=vars(diff), verdict=verdict(diff),
+                       iso_loss_speedup=None if speedup is None else vars(speedup),
+                       seeds_outside_baseline_range=outside)
+        out[name] = row
+    return out
+
+
+def print_seed_summary(title: str, over_seeds: dict) -> str:
+    """The comparison over seeds as a table; returns it as markdown."""
+    rows = []
+    for name, row in over_seeds.items():
+        d, sp = row["minus_baseline"], row["iso_loss_speedup"]
+        rows.append([name, row["seeds"],
+                     "-" if d is None else f"{d['mean']:+.4f}", "-" if d is None else f"{d['sd']:.4f}",
+                     "-" if d is None else f"[{d['low']:+.4f}, {d['high']:+.4f}]",
+                     row["verdict"] or "needs 2+ finished seeds",
+                     "-" if sp is None else f"{sp['mean']:.2f}x [{sp['low']:.2f}, {sp['high']:.2f}]",
+                     "-" if row["seeds_outside_baseline_range"] is None else row["seeds_outside_baseline_range"]])
+    return C.print_table(title, ["run", "seeds", "TST - base (mean)", "sd", "95% interval", "verdict",
+                                 "iso-loss speedup [95%]", "seeds outside the baselines"], rows)
+
+
 def print_report(title: str, results: dict, summary: dict) -> str:
     """The table, each TST run against the targets, and where its gap comes from; returns the
     table as markdown."""
@@ -424,10 +483,8 @@ def print_report(title: str, results: dict, summary: dict) -> str:
                                "iso-loss speedup", "wall s", "status"], rows)
     for name, sm in summary.items():
         d, sp = sm["minus_baseline"], sm["iso_loss_speedup"]
-        print(f"{name}: TST - baseline = {C.fmt(d, '+.4f')} nats (target <= -0.03: "
-              f"{'-' if d is None else 'met' if d <= -0.03 else 'NOT met'}); iso-loss speedup "
-              f"{'-' if sp is None else f'{sp:.2f}x'} ({sm['speedup_how']}; target >= 1.25: "
-              f"{'met' if sp and sp >= 1.25 else 'NOT met'})")
+        print(f"{name}: TST - baseline = {C.fmt(d, '+.4f')} nats; iso-loss speedup "
+              f"{'-' if sp is None else f'{sp:.2f}x'} ({sm['speedup_how']})")
     for name, sm in summary.items():
         rows_k = [h for h in sm["head_start"] if h["head_start"] is not None]
         if rows_k:
@@ -449,7 +506,9 @@ def main(argv=None) -> dict:
     size_name = opts.size or ("cpu-smoke" if cpu else "budget")
     recipe = size_recipe(size_name, vocab=opts.vocab, lr=opts.lr)
     max_bytes = opts.corpus_bytes if opts.corpus_bytes is not None else SIZES[size_name]["corpus_bytes"]
-    n_runs = 2 + len(opts.baseline_multipliers) + len(opts.extra_bag_sizes)
+    if opts.seeds < 1:
+        raise SystemExit(f"--seeds {opts.seeds}: give 1 or more (intervals need 2; comparisons 3)")
+    n_runs = (2 + len(opts.baseline_multipliers) + len(opts.extra_bag_sizes)) * opts.seeds
     concurrency = opts.concurrency or (min(2, n_runs) if cpu else n_runs)
     threads = max(1, (os.cpu_count() or 1) // concurrency) if cpu else None
     work = opts.work_dir.resolve()
@@ -474,29 +533,37 @@ def main(argv=None) -> dict:
 
     runs = run_lengths(opts, N)
     lengths = sorted({steps for _, steps in runs.values()})
-    every = eval_interval(lengths, N // 8 if size_name == "cpu-smoke" else N // 16)
+    every = eval_interval(lengths, N // 8)
     save_every = every * max(1, (N // 3) // every) if not cpu else N
     warmup = max(1, min(300, N // 20))
+    tokens_per_batch = recipe.training.global_batch_size * recipe.model.seq_length
+    eval_tokens = opts.eval_tokens or SIZES[size_name].get("eval_tokens", 65_536)
+    eval_iters = math.ceil(eval_tokens / tokens_per_batch)
+    seeds = [recipe.training.seed + k for k in range(opts.seeds)]
     jobs = []
-    for name, (s, steps) in runs.items():
-        run_dir = work / f"N{N}" / name
-        argv_run = megatron_argv(recipe, data, steps=steps, bag_size=s, r=opts.phase1_fraction,
-                                 warmup=warmup, eval_every=every, save_every=save_every,
-                                 save=run_dir / "ckpt", cpu=cpu, attention=attention)
-        jobs.append((name, argv_run, run_dir, steps, deadline, threads))
+    for seed in seeds:
+        for name, (s, steps) in runs.items():
+            run_dir = work / f"N{N}" / f"seed{seed}" / name
+            argv_run = megatron_argv(recipe, data, steps=steps, bag_size=s, r=opts.phase1_fraction,
+                                     warmup=warmup, eval_every=every, save_every=save_every,
+                                     save=run_dir / "ckpt", cpu=cpu, attention=attention, seed=seed,
+                                     eval_iters=eval_iters)
+            jobs.append((f"{name}/seed{seed}", argv_run, run_dir, steps, deadline, threads))
     statuses = run_all(jobs, concurrency)
 
-    results, phase1_end = {}, {}
-    for (name, argv_run, run_dir, steps, _, _), status in zip(jobs, statuses):
+    by_seed, phase1_end = {seed: {} for seed in seeds}, {}
+    for (job_name, argv_run, run_dir, steps, _, _), status in zip(jobs, statuses):
+        name, seed = job_name.split("/seed")
         run = read_run(run_dir / "train.log", argv_run)
-        results[name] = {
+        by_seed[int(seed)][name] = {
             "bag_size": run["bag_size"], "steps": steps, "phase1_iters": run["phase1_iters"],
             "status": status["status"], "wall_seconds": status["seconds"],
             "final_loss": run["valid"].get(steps), "valid": run["valid"], "text_tokens": run["text_tokens"],
         }
-        if run["bag_size"] > 1:
+        if run["bag_size"] > 1 and int(seed) == seeds[0]:
             phase1_end[name] = run["phase1_iters"]
-    summary, points = iso_loss_summary(results, N)
+    per_seed = {seed: iso_loss_summary(results, N) for seed, results in by_seed.items()}
+    over_seeds = seed_summary(by_seed, N)
 
     env = C.environment(device)
     model = recipe.model
@@ -505,21 +572,27 @@ def main(argv=None) -> dict:
              f"L {model.seq_length}, global batch {recipe.training.global_batch_size}, {attention_used} attention, N = {N}, TST r = "
              f"{opts.phase1_fraction}, held-out "
              f"next-token loss every {every} steps; {env['device']}")
-    md = print_report(title, results, summary)
+    md = "\n\n".join(print_report(f"{title}, seed {seed}", by_seed[seed], per_seed[seed][0]) for seed in seeds)
+    md += "\n\n" + print_seed_summary(f"over {len(seeds)} seeds ({', '.join(map(str, seeds))}), "
+                                       f"{eval_iters * tokens_per_batch:,} held-out tokens per evaluation",
+                                       over_seeds)
     png = opts.out.with_name(opts.out.stem + "_loss_curves.png")
     png.parent.mkdir(parents=True, exist_ok=True)
-    plotted = plot_iso_loss(results, phase1_end, points, png)
+    plotted = plot_iso_loss(by_seed[seeds[0]], phase1_end, per_seed[seeds[0]][1], png)
     payload = {"benchmark": "quality", "command": C.command_line(), "env": env,
                "config": {k: v for k, v in vars(opts).items() if k != "out"} | {
                    "size_name": size_name,
                    "size": {"recipe": recipe.name, "overrides": SIZES[size_name]["overrides"],
                             "vocab": data["vocab_size"], "lr": recipe.training.lr},
-                   "steps": N, "eval_interval": every,
+                   "steps": N, "eval_interval": every, "seeds": seeds,
+                   "eval_iters": eval_iters, "eval_tokens": eval_iters * tokens_per_batch,
                    "warmup": warmup, "concurrency": concurrency, "attention": attention_used},
-               "data": data, "calibration": calibration, "runs": results, "summary": summary,
-               "targets": {"minus_baseline": -0.03, "iso_loss_speedup": 1.25},
-               "plot": str(png) if plotted else None, "seconds": round(time.time() - start, 1),
-               "title": title, "table_md": md}
+               "data": data, "calibration": calibration,
+               "runs": {str(seed): results for seed, results in by_seed.items()},
+               "summary": {str(seed): summary for seed, (summary, _) in per_seed.items()},
+               "over_seeds": over_seeds,
+               "plot": str(png) if plotted else None, "plot_seed": seeds[0],
+               "seconds": round(time.time() - start, 1), "title": title, "table_md": md}
     C.write_json(opts.out, payload)
     return payload
 

@@ -208,7 +208,7 @@ if [ "$window" = 1 ]; then
     loss_args=(--tokens 64 --vocab 512 --bag-sizes 4 --warmup 1 --iters 3)
     step_args=(--rounds 1 --steps-per-round 2 --warmup 1)
     tp_args=(--iters 2 --warmup 1)
-    qsize=(--size cpu-smoke)
+    qsize=(--size cpu-smoke --seeds 2)
   else
     dev=(--device cuda)
     loss_args=() step_args=() tp_args=()

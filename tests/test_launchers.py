@@ -116,12 +116,13 @@ def test_quality_benchmark_runs_are_the_preset_recipe():
         recipe = quality.size_recipe(size, lr=2e-3)
         argv = quality.megatron_argv(recipe, data, steps=800, bag_size=4, r=0.3, warmup=40,
                                      eval_every=50, save_every=200, save=Path("/w/N800/tst/ckpt"),
-                                     cpu=True, attention="sdpa")
+                                     cpu=True, attention="sdpa", seed=1235, eval_iters=64)
         expected = load_recipe(preset["recipe"], overrides=[
             *preset["overrides"], "training.lr=2e-3", "training.min_lr=2e-4",
             "training.train_iters=800", "training.warmup_iters=40", "training.eval_interval=50",
             "training.save_interval=200", "training.log_interval=25", "tst.bag_size=4",
-            "tst.phase1_fraction=0.3", "data.prefix=/w/code", "data.tokenizer=/w/tokenizer.json",
+            "tst.phase1_fraction=0.3", "training.seed=1235", "training.eval_iters=64",
+            "data.prefix=/w/code", "data.tokenizer=/w/tokenizer.json",
             "model.vocab_size=4000", "data.num_workers=0", "cpu=true", "transformer_impl=local",
             "run_dir=/w/N800/tst/ckpt",
             "extra_args=--data-cache-path /w/N800/tst/index_cache --tst-attention sdpa",

@@ -209,30 +209,55 @@ def test_the_baseline_mapping_is_the_identity(corpus, tmp_path):
             assert np.array_equal(sample["loss_mask"].numpy(), item["loss_mask"])
 
 
-def test_held_out_samples_do_not_depend_on_the_run_length(corpus, tmp_path, monkeypatch):
-    """Runs of different --train-iters (the iso-loss baselines) must score the same held-out
-    samples; Megatron asks for more validation samples the longer the run, and past one epoch
-    of the held-out data GPTDataset would shuffle them differently."""
+def build_provider(pretrain, monkeypatch, prefix, vocab, plan, *, seed, cache):
+    """`pretrain.train_valid_test_datasets_provider` as a rank calls it, for --seed `seed`."""
     import argparse
 
     import megatron.training
+
+    args = argparse.Namespace(
+        seed=seed, data_path=None, data_args_path=None, per_split_data_args_path=None,
+        train_data_path=[prefix], valid_data_path=[prefix], test_data_path=None, split=None,
+        data_cache_path=str(cache), eod_mask_loss=False,
+        mid_level_dataset_surplus=0.005, eval_iters=2, global_batch_size=plan.global_batch_size,
+        seq_length=plan.seq_length,
+    )
+    monkeypatch.setattr(megatron.training, "get_args", lambda: args)
+    monkeypatch.setattr(pretrain, "_is_dataset_built_on_rank", lambda vp_stage=None: True)
+    return lambda valid_n: pretrain.train_valid_test_datasets_provider(
+        [items_needed(plan), valid_n, 0], plan=plan, tokenizer=UniqueIdTokenizer(vocab))
+
+
+def test_held_out_samples_do_not_depend_on_the_seed(corpus, tmp_path, monkeypatch):
+    """Runs of different --seed (the seeds of a comparison) are scored on the same held-out
+    samples, while the seed still reorders the training data."""
     from nemo_tst.training import pretrain
 
     prefix, vocab = corpus
     plan = make_plan(s=4, L=16, gbs=4, N=40, n1=12)
-    monkeypatch.setattr(pretrain, "_is_dataset_built_on_rank", lambda vp_stage=None: True)
+    runs = {}
+    for seed in (1234, 99):
+        train, valid, _ = build_provider(pretrain, monkeypatch, prefix, vocab, plan, seed=seed,
+                                         cache=tmp_path / f"seed{seed}")(16)
+        runs[seed] = ([valid[i]["tokens"].numpy() for i in range(16)],
+                      [train[i]["text"].numpy() for i in range(8)])  # phase-1 samples
+    (valid_a, train_a), (valid_b, train_b) = runs[1234], runs[99]
+    assert all(np.array_equal(a, b) for a, b in zip(valid_a, valid_b))
+    assert not all(np.array_equal(a, b) for a, b in zip(train_a, train_b))
+
+
+def test_held_out_samples_do_not_depend_on_the_run_length(corpus, tmp_path, monkeypatch):
+    """Runs of different --train-iters (the iso-loss baselines) must score the same held-out
+    samples; Megatron asks for more validation samples the longer the run, and past one epoch
+    of the held-out data GPTDataset would shuffle them differently."""
+    from nemo_tst.training import pretrain
+
+    prefix, vocab = corpus
+    plan = make_plan(s=4, L=16, gbs=4, N=40, n1=12)
 
     def held_out(valid_n, cache):
-        args = argparse.Namespace(
-            seed=1234, data_path=None, data_args_path=None, per_split_data_args_path=None,
-            train_data_path=[prefix], valid_data_path=[prefix], test_data_path=None, split=None,
-            data_cache_path=str(tmp_path / cache), eod_mask_loss=False,
-            mid_level_dataset_surplus=0.005, eval_iters=2, global_batch_size=plan.global_batch_size,
-            seq_length=plan.seq_length,
-        )
-        monkeypatch.setattr(megatron.training, "get_args", lambda: args)
-        _, valid, _ = pretrain.train_valid_test_datasets_provider(
-            [1, valid_n, 0], plan=plan, tokenizer=UniqueIdTokenizer(vocab))
+        _, valid, _ = build_provider(pretrain, monkeypatch, prefix, vocab, plan, seed=1234,
+                                     cache=tmp_path / cache)(valid_n)
         assert len(valid) >= valid_n
         return [valid[i]["tokens"].numpy() for i in range(valid_n)]
 

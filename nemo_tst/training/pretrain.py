@@ -153,13 +153,19 @@ def _is_dataset_built_on_rank(vp_stage=None):
     )
 
 
-def _gpt_dataset_config(args, sequence_length, tokenizer):
+HELD_OUT_SEED = 1234
+"""The seed that orders the held-out (validation and test) samples, whatever `--seed` is
+(Megatron's default seed): runs of different seeds are scored on the same held-out text, so
+their losses compare. `--seed` still sets the weights and the order of the training data."""
+
+
+def _gpt_dataset_config(args, sequence_length, tokenizer, seed):
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
     from megatron.training.utils import get_blend_and_blend_per_split
 
     blend, blend_per_split = get_blend_and_blend_per_split(args)
     return GPTDatasetConfig(
-        random_seed=args.seed,
+        random_seed=seed,
         sequence_length=sequence_length,
         blend=blend,
         blend_per_split=blend_per_split,
@@ -217,7 +223,7 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
     # a weighted blend (`--data-path 0.3 A 0.7 B`).
     items, _, _ = BlendedMegatronDatasetBuilder(
         GPTDataset, [items_needed(plan), 1, 1], built_on_rank,
-        _gpt_dataset_config(args, item_sequence_length(plan), tokenizer),
+        _gpt_dataset_config(args, item_sequence_length(plan), tokenizer, args.seed),
     ).build()
     # Validation reads one evaluation's samples each time, so only that many are asked for:
     # asking for valid_n (which grows with --train-iters) would let runs of different lengths
@@ -226,7 +232,7 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
     per_evaluation = args.eval_iters * args.global_batch_size
     _, valid, test = BlendedMegatronDatasetBuilder(
         GPTDataset, [1, min(valid_n, per_evaluation) if valid_n else valid_n, test_n], built_on_rank,
-        _gpt_dataset_config(args, args.seq_length, tokenizer),
+        _gpt_dataset_config(args, args.seq_length, tokenizer, HELD_OUT_SEED),
     ).build()
 
     if valid is not None:
