@@ -30,6 +30,7 @@ The package, each part usable on its own (benchmarks/quality.py uses the first f
     results   a run's curves and text tokens from its log and arguments
     plot      the loss curves as a PNG
     report    the verdict and the closing table
+    stats     seed statistics: paired differences, iso-loss speedups, their intervals
     compare   the demo's two runs of one size, end to end
     cli       `nemo-tst demo`'s options
 """
