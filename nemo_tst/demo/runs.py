@@ -38,9 +38,10 @@ def _launches(argv: list[str], deadline: Optional[float]) -> list[list[str]]:
     """The driver calls of one run: all at once, or with a deadline one per phase."""
     if deadline is None:
         return [argv]
+    from nemo_tst.core.settings import setting_flag
     from nemo_tst.training.argv import last_value
 
-    phases = ("2",) if last_value(argv, "--tst-bag-size") == "1" else ("1", "2")
+    phases = ("2",) if last_value(argv, setting_flag("bag_size")) == "1" else ("1", "2")
     return [[*argv, "--tst-phase", phase] for phase in phases]
 
 
