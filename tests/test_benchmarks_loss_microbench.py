@@ -6,22 +6,16 @@ backward. Each call now gets its own copy; the loss and gradient must match s ca
 cross_entropy, and the logits must stay untouched across repeated passes.
 """
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "loss_microbench.py"
+from tests.benchmark_scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def microbench():
-    spec = importlib.util.spec_from_file_location("loss_microbench_under_test", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("loss_microbench")
 
 
 def reference(logits, targets):

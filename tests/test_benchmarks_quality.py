@@ -1,23 +1,19 @@
 """benchmarks/quality.py's comparison over seeds, on synthetic final losses: each TST run is
 paired with its own seed's baseline and judged by the 95% interval of the differences."""
 
-import importlib.util
 import math
 import statistics
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+from tests.benchmark_scripts import load_benchmark
+
 T_975_DF2 = 4.3027  # Student's t(0.975, 2), from the tables
 
 
 @pytest.fixture(scope="module")
 def quality():
-    spec = importlib.util.spec_from_file_location("quality_under_test", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("quality")
 
 
 def run(bag_size, steps, final_loss):

@@ -3,7 +3,6 @@ written by hand: the one-node script, the slurm script, the demo, the quality be
 the NeMo-Run stages. Each test compares a launcher's whole argv with the recipe's, so an
 argument a launcher adds or changes on its own (a different --min-lr, a micro-batch) fails it."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import pytest
 
 from nemo_tst import demo
 from nemo_tst.recipes import load_recipe
+from tests.benchmark_scripts import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,9 +107,7 @@ def test_demo_runs_are_the_size_recipe(size, cpu):
 
 
 def test_quality_benchmark_runs_are_the_preset_recipe():
-    spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
-    quality = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(quality)
+    quality = load_benchmark("quality")
     data = {"tokenizer": "/w/tokenizer.json", "train_prefix": "/w/code_train",
             "valid_prefix": "/w/code_valid", "vocab_size": 4000}
     for size, preset in quality.SIZES.items():
