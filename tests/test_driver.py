@@ -177,3 +177,58 @@ def test_a_run_directory_belongs_to_its_hybrid_layer_pattern(tmp_path):
     other = parse_megatron_args(argv_for(tmp_path, 4, "--hybrid-layer-pattern", "**--"))
     with pytest.raises(ValueError, match=r"holds a different TST run \(hybrid_layer_pattern: '\*-\*-' there"):
         check_run_directory_for(tmp_path, other, plan_from_args(other))
+
+
+def test_counting_tokens_from_two_threads_keeps_the_index_readers_lines_quiet(tmp_path):
+    """The demo checks its two runs side by side, and `count_tokens` quiets the index reader's
+    process-wide logger while it reads: the two threads must not restore each other's setting
+    mid-read, or the reader's INFO lines reach the terminal."""
+    import logging
+    import sys
+    import threading
+
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from nemo_tst.training.driver import count_tokens
+
+    prefix = str(tmp_path / "corpus")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
+    for n in (5, 7, 11):
+        builder.add_document(np.arange(n, dtype=np.int32), [n])
+    builder.finalize(prefix + ".idx")
+
+    class Records(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.DEBUG)
+            self.seen = []
+
+        def emit(self, record):
+            self.seen.append(record.getMessage())
+
+    reader_log = logging.getLogger("megatron.core.datasets.indexed_dataset")
+    records, level = Records(), reader_log.level
+    reader_log.addHandler(records)
+    reader_log.setLevel(logging.INFO)  # as in the demo's process, where its INFO lines show
+    counts, start = [], threading.Barrier(2)
+
+    def count():
+        start.wait()
+        counts.extend(count_tokens([prefix]) for _ in range(100))
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often, as two busy threads on two cores may
+    try:
+        threads = [threading.Thread(target=count) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        left_at = reader_log.level
+    finally:
+        sys.setswitchinterval(switch)
+        reader_log.removeHandler(records)
+        reader_log.setLevel(level)
+    assert counts == [23] * 200
+    assert records.seen == []
+    assert left_at == logging.INFO  # each thread restored the level it found, not the other's

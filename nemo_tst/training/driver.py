@@ -223,6 +223,12 @@ def check_corpus_budget(plan: TSTPlan, corpus_tokens: int, *, strict: bool) -> O
     return message
 
 
+_QUIET_INDEX_READ = threading.Lock()
+"""Held while `count_tokens` quiets the index reader's logger and warnings, which are
+process-wide: two runs checked at once (the demo's threads) would otherwise restore each
+other's setting mid-read and let the reader's INFO lines through to the terminal."""
+
+
 def count_tokens(prefixes: list[str]) -> int:
     """Tokens in Megatron indexed datasets (PREFIX.bin/.idx)."""
     import logging
@@ -231,19 +237,20 @@ def count_tokens(prefixes: list[str]) -> int:
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     reader_log = logging.getLogger("megatron.core.datasets.indexed_dataset")
-    level = reader_log.level
-    reader_log.setLevel(logging.WARNING)  # its INFO lines describe the index, not the run
     tokens = 0
-    try:
-        with warnings.catch_warnings():
-            # megatron.core asks for a rank it cannot know before any process group exists
-            warnings.filterwarnings("ignore", message="Could not determine rank")
-            for prefix in prefixes:
-                index = IndexedDataset(prefix)  # keep it alive: its arrays view a mapping it closes
-                tokens += int(index.sequence_lengths.sum())
-                del index
-    finally:
-        reader_log.setLevel(level)
+    with _QUIET_INDEX_READ:
+        level = reader_log.level
+        reader_log.setLevel(logging.WARNING)  # its INFO lines describe the index, not the run
+        try:
+            with warnings.catch_warnings():
+                # megatron.core asks for a rank it cannot know before any process group exists
+                warnings.filterwarnings("ignore", message="Could not determine rank")
+                for prefix in prefixes:
+                    index = IndexedDataset(prefix)  # keep it alive: its arrays view a mapping it closes
+                    tokens += int(index.sequence_lengths.sum())
+                    del index
+        finally:
+            reader_log.setLevel(level)
     return tokens
 
 
