@@ -25,7 +25,6 @@ import argparse
 import sys
 import warnings
 from pathlib import Path
-from typing import Optional
 
 from nemo_tst.errors import ArgumentParser, MissingExtra, fraction, positive_int, user_paths
 from nemo_tst.training.logs import quiet_cuda_runtime_notice
@@ -63,6 +62,7 @@ def _pretrain(rest: list[str]) -> None:
     parser = ArgumentParser(prog="nemo-tst pretrain", add_help=False, allow_abbrev=False)
     _pretrain_options(parser)
     opts, megatron_argv = parser.parse_known_args(rest)
+    from nemo_tst.training.argv import last_value
     from nemo_tst.training.driver import run
     from nemo_tst.training.logs import progress_text
 
@@ -72,8 +72,8 @@ def _pretrain(rest: list[str]) -> None:
             sys.stdout.write(text)
             sys.stdout.flush()
 
-    paths = {"--save": _option_value(megatron_argv, "--save"), "--log-file": opts.log_file,
-             "--tst-tokenizer": _option_value(megatron_argv, "--tst-tokenizer")}
+    paths = {"--save": last_value(megatron_argv, "--save"), "--log-file": opts.log_file,
+             "--tst-tokenizer": last_value(megatron_argv, "--tst-tokenizer")}
     with user_paths(paths):
         plan = run(megatron_argv, nproc=opts.nproc_per_node, log_file=opts.log_file,
                    on_line=None if opts.log_file else echo)
@@ -86,18 +86,6 @@ def _pretrain(rest: list[str]) -> None:
         f" + {plan.phase2_iters} phase-2 iterations; "
         f"{plan.text_tokens_after(plan.train_iters):,} text tokens"
     )
-
-
-def _option_value(argv: list[str], option: str) -> Optional[str]:
-    """The value `argv` gives `option` (`--save DIR` or `--save=DIR`; the last one wins, as in
-    argparse), or None."""
-    value = None
-    for at, arg in enumerate(argv):
-        if arg == option and at + 1 < len(argv):
-            value = argv[at + 1]
-        elif arg.startswith(option + "="):
-            value = arg[len(option) + 1:]
-    return value
 
 
 def _preprocess(rest: list[str]) -> None:
