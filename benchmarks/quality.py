@@ -540,7 +540,7 @@ def main(argv=None) -> dict:
     eval_tokens = opts.eval_tokens or SIZES[size_name].get("eval_tokens", 65_536)
     eval_iters = math.ceil(eval_tokens / tokens_per_batch)
     seeds = [recipe.training.seed + k for k in range(opts.seeds)]
-    jobs = []
+    jobs, keys = [], []  # keys: each job's (seed, run name)
     for seed in seeds:
         for name, (s, steps) in runs.items():
             run_dir = work / f"N{N}" / f"seed{seed}" / name
@@ -549,18 +549,18 @@ def main(argv=None) -> dict:
                                      save=run_dir / "ckpt", cpu=cpu, attention=attention, seed=seed,
                                      eval_iters=eval_iters)
             jobs.append((f"{name}/seed{seed}", argv_run, run_dir, steps, deadline, threads))
+            keys.append((seed, name))
     statuses = run_all(jobs, concurrency)
 
     by_seed, phase1_end = {seed: {} for seed in seeds}, {}
-    for (job_name, argv_run, run_dir, steps, _, _), status in zip(jobs, statuses):
-        name, seed = job_name.split("/seed")
+    for (seed, name), (_, argv_run, run_dir, steps, _, _), status in zip(keys, jobs, statuses):
         run = read_run(run_dir / "train.log", argv_run)
-        by_seed[int(seed)][name] = {
+        by_seed[seed][name] = {
             "bag_size": run["bag_size"], "steps": steps, "phase1_iters": run["phase1_iters"],
             "status": status["status"], "wall_seconds": status["seconds"],
             "final_loss": run["valid"].get(steps), "valid": run["valid"], "text_tokens": run["text_tokens"],
         }
-        if run["bag_size"] > 1 and int(seed) == seeds[0]:
+        if run["bag_size"] > 1 and seed == seeds[0]:
             phase1_end[name] = run["phase1_iters"]
     per_seed = {seed: iso_loss_summary(results, N) for seed, results in by_seed.items()}
     over_seeds = seed_summary(by_seed, N)
